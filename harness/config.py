@@ -1,0 +1,244 @@
+"""Grid files: YAML in, frozen dataclasses out, every value checked before any trial starts.
+
+The dataclass defaults are the vocabulary (as in nanoGPT's configurator): a key without a
+default here is an error that lists the keys that do exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A grid file or option is invalid; the message is one line meant for the user."""
+
+
+DATASETS = ("blobs",)
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+INITIALIZERS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal")
+OPTIMIZERS = ("sgd",)
+ENGINES = ("keras", "fused")
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    """The data set; it depends only on these values, never on a trial's seed."""
+
+    dataset: str = "blobs"
+    n_samples: int = 1000
+    centers: int = 3
+    n_features: int = 2
+    cluster_std: float = 2.0
+    random_state: int = 2
+    n_train: int = 500  # the first n_train rows train, the rest test
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_units: int = 50
+    activation: str = "relu"
+    kernel_initializer: str = "he_uniform"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    epochs: int = 200
+    engine: str = "keras"
+
+
+def _kind(field: dataclasses.Field) -> type:
+    # Annotations are strings under `from __future__ import annotations`; ours are plain scalars.
+    return {"int": int, "float": float, "str": str}[field.type]
+
+
+# Axes every sweep must list: they are what a batch-size study is about.
+REQUIRED_AXES = ("batch_size", "learning_rate", "seed")
+SECTIONS: dict[str, type] = {"problem": ProblemConfig, "model": ModelConfig, "train": TrainConfig}
+TOP_LEVEL_KEYS = ("name", *SECTIONS, "sweep")
+AXIS_TYPES: dict[str, type] = {"batch_size": int, "learning_rate": float, "seed": int}
+# Any scalar of model/train may be swept as well as the three axes.
+SWEEPABLE: dict[str, tuple[str | None, type]] = {
+    **{k: (None, t) for k, t in AXIS_TYPES.items()},
+    **{f.name: (section, _kind(f)) for section in ("model", "train") for f in fields(SECTIONS[section])},
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS, "activation": ACTIVATIONS, "kernel_initializer": INITIALIZERS,
+    "optimizer": OPTIMIZERS, "engine": ENGINES,
+}
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    name: str
+    problem: ProblemConfig
+    model: ModelConfig
+    train: TrainConfig
+    # Each block is a tuple of (axis, values) pairs sorted by axis; the trials are the union of
+    # the Cartesian products of the blocks.
+    sweep: tuple[tuple[tuple[str, tuple[Any, ...]], ...], ...]
+    path: str = ""
+    sha256: str = ""
+
+
+def _suggest(key: str, valid: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _reject_unknown(where: str, mapping: Mapping[str, Any], valid: tuple[str, ...] | list[str], under: str) -> None:
+    for key in mapping:
+        if key not in valid:
+            place = f" under '{under}'" if under else ""
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{place}; valid keys: {', '.join(valid)}{_suggest(str(key), valid)}")
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def coerce(where: str, key: str, value: Any, kind: type) -> Any:
+    """Check one value's type and range; return it in its canonical Python type."""
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}")
+    elif kind is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept it, since users write it that way.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be text, got {value!r}")
+    _check_range(where, key, value)
+    return value
+
+
+def _check_range(where: str, key: str, value: Any) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(
+            f"{where}: '{key}' is {value!r}; valid choices: {', '.join(CHOICES[key])}{_suggest(str(value), CHOICES[key])}")
+    positive = {"batch_size", "learning_rate", "epochs", "hidden_units", "n_samples", "n_train",
+                "n_features", "cluster_std"}
+    if key in positive and value <= 0:
+        raise ConfigError(f"{where}: '{key}' must be positive, got {value!r}")
+    if key in ("seed", "random_state") and value < 0:
+        raise ConfigError(f"{where}: '{key}' must be zero or more, got {value!r}")
+    if key == "momentum" and not 0.0 <= value < 1.0:
+        raise ConfigError(f"{where}: 'momentum' must be in [0, 1), got {value!r}")
+    if key == "centers" and value < 2:
+        raise ConfigError(f"{where}: 'centers' must be at least 2, got {value!r}")
+
+
+def _section(where: str, raw: Any, cls: type, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: '{name}' must be a mapping of keys to values, got {type(raw).__name__}")
+    valid = [f.name for f in fields(cls)]
+    _reject_unknown(where, raw, valid, name)
+    kinds = {f.name: _kind(f) for f in fields(cls)}
+    return cls(**{k: coerce(where, k, v, kinds[k]) for k, v in raw.items()})
+
+
+def _sweep_block(where: str, raw: Any, label: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: '{label}' must be a mapping of axis names to lists of values")
+    valid = list(SWEEPABLE)
+    _reject_unknown(where, raw, valid, label)
+    for axis in REQUIRED_AXES:
+        if axis not in raw:
+            raise ConfigError(f"{where}: '{label}' must list '{axis}' (required axes: {', '.join(REQUIRED_AXES)})")
+    block = []
+    for axis in sorted(raw):
+        values = raw[axis]
+        if not isinstance(values, list):
+            values = [values]  # a scalar is a one-value axis
+        if not values:
+            raise ConfigError(f"{where}: '{label}.{axis}' is an empty list; give at least one value")
+        checked = tuple(coerce(where, axis, v, SWEEPABLE[axis][1]) for v in values)
+        if len(set(checked)) != len(checked):
+            dup = next(v for v in checked if checked.count(v) > 1)
+            raise ConfigError(f"{where}: '{label}.{axis}' lists {dup!r} more than once")
+        block.append((axis, checked))
+    return tuple(block)
+
+
+def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
+    """Validate a grid already read from YAML; ``where`` names its source in errors."""
+    if raw is None:
+        raise ConfigError(f"{where}: the file is empty; a grid needs at least a 'sweep'")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: a grid must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
+                          f"got a {type(raw).__name__}")
+    _reject_unknown(where, raw, TOP_LEVEL_KEYS, "")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name):
+        raise ConfigError(f"{where}: 'name' must be a plain identifier (letters, digits, '_' or '-', "
+                          f"no path separators), got {name!r}")
+    problem = _section(where, raw.get("problem"), ProblemConfig, "problem")
+    model = _section(where, raw.get("model"), ModelConfig, "model")
+    train = _section(where, raw.get("train"), TrainConfig, "train")
+    if problem.n_train >= problem.n_samples:
+        raise ConfigError(f"{where}: 'problem.n_train' ({problem.n_train}) must be below "
+                          f"'problem.n_samples' ({problem.n_samples}) to leave a test set")
+    if "sweep" not in raw:
+        raise ConfigError(f"{where}: missing key 'sweep' (it must list {', '.join(REQUIRED_AXES)})")
+    sweep_raw = raw["sweep"]
+    if isinstance(sweep_raw, list):
+        if not sweep_raw:
+            raise ConfigError(f"{where}: 'sweep' is an empty list of blocks")
+        blocks = tuple(_sweep_block(where, b, f"sweep[{i}]") for i, b in enumerate(sweep_raw))
+    else:
+        blocks = (_sweep_block(where, sweep_raw, "sweep"),)
+    for block in blocks:
+        for axis, values in block:
+            if axis == "batch_size" and max(values) > problem.n_train:
+                raise ConfigError(f"{where}: 'sweep.batch_size' value {max(values)} is above "
+                                  f"'problem.n_train' ({problem.n_train})")
+    return GridConfig(name=name, problem=problem, model=model, train=train, sweep=blocks, path=where)
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """Read and validate a grid file; raise ConfigError with one line naming the file and key."""
+    path = Path(path)
+    where = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such grid file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a directory, not a grid file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read grid file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a text file (grid files are UTF-8 YAML)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+    grid = parse_grid(raw, where, default_name=re.sub(r"\W", "_", path.stem) or "grid")
+    return dataclasses.replace(grid, sha256=hashlib.sha256(data).hexdigest())
+
+
+def with_engine(grid: GridConfig, engine: str | None) -> GridConfig:
+    """The grid with its training engine overridden (``--engine``); None keeps the grid's."""
+    if engine is None:
+        return grid
+    coerce("--engine", "engine", engine, str)
+    blocks = tuple(tuple((a, v) for a, v in block if a != "engine") for block in grid.sweep)
+    return dataclasses.replace(grid, train=dataclasses.replace(grid.train, engine=engine), sweep=blocks)

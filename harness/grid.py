@@ -1,0 +1,113 @@
+"""Pure expansion of a grid into trial specs: no I/O, no clock, no randomness."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterable, Sequence
+
+from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig
+
+# Beyond this many trials a run needs --yes: a typo like an extra zero in a seed list should
+# not silently book the machine for a week. grids/full.yaml has 350.
+LARGE_GRID_TRIALS = 10_000
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one training run depends on; its hash is the trial's identity."""
+
+    problem: ProblemConfig
+    model: ModelConfig
+    train: TrainConfig
+    batch_size: int
+    learning_rate: float
+    seed: int
+
+    @cached_property
+    def trial_id(self) -> str:
+        # sort_keys + float repr: the same config always gives the same id, and 1e-5 != 4e-5.
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config_values(self) -> dict[str, Any]:
+        """Every config value as one flat mapping (names are unique across sections)."""
+        flat: dict[str, Any] = {}
+        for section in (self.problem, self.model, self.train):
+            flat.update(dataclasses.asdict(section))
+        flat.update(batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed)
+        return flat
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return math.ceil(self.problem.n_train / self.batch_size)
+
+    @property
+    def planned_updates(self) -> int:
+        return self.train.epochs * self.updates_per_epoch
+
+
+def _block_specs(grid: GridConfig, block: tuple[tuple[str, tuple[Any, ...]], ...]) -> Iterable[TrialSpec]:
+    axes = [axis for axis, _ in block]  # already sorted by load_grid
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for combo in itertools.product(*(values for _, values in block)):
+        point = dict(zip(axes, combo))
+        yield TrialSpec(
+            problem=grid.problem,
+            model=dataclasses.replace(grid.model, **{k: v for k, v in point.items() if k in model_keys}),
+            train=dataclasses.replace(grid.train, **{k: v for k, v in point.items() if k in train_keys}),
+            batch_size=point["batch_size"],
+            learning_rate=point["learning_rate"],
+            seed=point["seed"],
+        )
+
+
+def expand_grid(grid: GridConfig) -> tuple[TrialSpec, ...]:
+    """All trials of a grid in a deterministic order, each once (blocks may overlap)."""
+    seen: dict[str, TrialSpec] = {}
+    for block in grid.sweep:
+        for spec in _block_specs(grid, block):
+            seen.setdefault(spec.trial_id, spec)
+    return tuple(seen.values())
+
+
+def count_trials(grid: GridConfig) -> int:
+    """An upper bound on the trial count without building the specs (overlaps counted twice)."""
+    return sum(math.prod(len(values) for _, values in block) for block in grid.sweep)
+
+
+def group_key(spec: TrialSpec) -> tuple:
+    """Trials with the same key can be trained as one stacked computation by the fused engine:
+    same data, network shape, batch size and epochs; learning rate, momentum and seed are per model."""
+    train = dataclasses.replace(spec.train, momentum=0.0)
+    return (spec.problem, spec.model, train, spec.batch_size)
+
+
+def group_specs(specs: Sequence[TrialSpec], max_group: int = 64) -> list[tuple[TrialSpec, ...]]:
+    """Units of work for the scheduler: fused trials share a task per group key (at most
+    ``max_group`` models each), every other trial is a task of its own. Costliest first, so
+    the long batch-size-1 work starts early and the cores finish together."""
+    groups: list[tuple[TrialSpec, ...]] = []
+    fused: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        if spec.train.engine == "fused":
+            fused.setdefault(group_key(spec), []).append(spec)
+        else:
+            groups.append((spec,))
+    for members in fused.values():
+        groups.extend(tuple(members[i:i + max_group]) for i in range(0, len(members), max_group))
+    return sorted(groups, key=estimated_cost, reverse=True)
+
+
+def estimated_cost(group: Sequence[TrialSpec]) -> float:
+    """Relative cost of a task, for ordering only: Keras pays per update, fused per stacked step."""
+    spec = group[0]
+    steps = spec.planned_updates
+    if spec.train.engine == "fused":
+        return steps * (1.0 + 0.05 * len(group)) * 0.05
+    return float(steps) + 20.0 * spec.train.epochs

@@ -1,0 +1,81 @@
+"""The problem: data, the network, and the two random things a seed decides.
+
+The harness, not Keras, owns the batch order and the initial weights, so that every engine
+trains the same model on the same batches and engines can be compared number for number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from harness.config import ModelConfig, ProblemConfig
+
+
+@dataclass(frozen=True)
+class Data:
+    """float32 features and one-hot float32 labels, split as the reference study splits them."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_classes(self) -> int:
+        return self.y_train.shape[1]
+
+
+@lru_cache(maxsize=8)
+def make_data(problem: ProblemConfig) -> Data:
+    """The data set depends only on ``problem``: every trial of a grid sees the same rows."""
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(n_samples=problem.n_samples, centers=problem.centers, n_features=problem.n_features,
+                      cluster_std=problem.cluster_std, random_state=problem.random_state)
+    x = x.astype(np.float32)
+    onehot = np.eye(problem.centers, dtype=np.float32)[y]
+    for array in (x, onehot):
+        array.setflags(write=False)  # cached and shared between trials: nobody may edit it
+    n = problem.n_train
+    return Data(x_train=x[:n], y_train=onehot[:n], x_test=x[n:], y_test=onehot[n:])
+
+
+def batch_order(seed: int, epoch: int, n_train: int) -> np.ndarray:
+    """The permutation of training rows for one (0-based) epoch of one seed."""
+    return np.random.default_rng((seed, epoch)).permutation(n_train)
+
+
+def epoch_batches(seed: int, epoch: int, n_train: int, batch_size: int) -> list[np.ndarray]:
+    """Row indices of each batch of an epoch; the last batch is short when batch_size doesn't divide n_train."""
+    order = batch_order(seed, epoch, n_train)
+    return [order[i:i + batch_size] for i in range(0, n_train, batch_size)]
+
+
+def updates_per_epoch(n_train: int, batch_size: int) -> int:
+    return math.ceil(n_train / batch_size)
+
+
+def build_model(model: ModelConfig, problem: ProblemConfig, seed: int):
+    """The reference network, its weights drawn from ``seed`` exactly as Keras draws them."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    net = keras.Sequential([
+        keras.Input(shape=(problem.n_features,)),
+        keras.layers.Dense(model.hidden_units, activation=model.activation,
+                           kernel_initializer=model.kernel_initializer),
+        keras.layers.Dense(problem.centers, activation="softmax"),
+    ])
+    return net
+
+
+def initial_weights(model: ModelConfig, problem: ProblemConfig, seed: int) -> tuple[np.ndarray, ...]:
+    """(W1, b1, W2, b2) as float32 arrays: what ``build_model`` draws for this seed."""
+    import keras
+
+    weights = tuple(np.asarray(w, dtype=np.float32) for w in build_model(model, problem, seed).get_weights())
+    keras.backend.clear_session()
+    return weights

@@ -1,0 +1,263 @@
+"""Results on disk: one Parquet part file per flush, written atomically by the driver only.
+
+Layout of a results folder::
+
+    trials/part-<run_id>-<seq>.parquet   one row per trial   (pd.read_parquet(DIR / "trials"))
+    epochs/part-<run_id>-<seq>.parquet   one row per epoch   (pd.read_parquet(DIR / "epochs"))
+    runs/<run_id>.json                   versions, host, git commit, grid hash of each run
+    set-aside/                           files the harness could not read, moved out of the way
+
+A flush writes the epochs part first and the trials part last, so a trial row on disk means
+its epochs are on disk too; an epochs part without its trials part is an interrupted flush.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from harness.schema import EPOCH_SCHEMA, FINISHED, SCHEMA_VERSION, TRIAL_SCHEMA
+from harness.trial import TrialResult
+
+TRIALS, EPOCHS, RUNS, SET_ASIDE = "trials", "epochs", "runs", "set-aside"
+_VERSION_KEY = b"harness.schema_version"
+_RUN_KEY = b"harness.run_id"
+_SCHEMAS = {TRIALS: TRIAL_SCHEMA, EPOCHS: EPOCH_SCHEMA}
+
+
+class StoreError(RuntimeError):
+    """A results folder cannot be used as asked; the message is one line for the user."""
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    # Readers and resumed runs must never see half a file: write beside the target (a dot
+    # name, which pyarrow's dataset discovery skips), flush to disk, then rename in one step.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _with_version(schema: pa.Schema, run_id: str) -> pa.Schema:
+    return schema.with_metadata({_VERSION_KEY: str(SCHEMA_VERSION).encode(), _RUN_KEY: run_id.encode()})
+
+
+def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
+    """Rows built by walking the schema's column list, so the two cannot drift apart."""
+    rows = []
+    for result in results:
+        values = {**result.spec.config_values(), **dataclasses.asdict(result), "trial_id": result.trial_id,
+                  "run_id": run_id}
+        rows.append({name: values[name] for name in TRIAL_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=_with_version(TRIAL_SCHEMA, run_id))
+
+
+def epochs_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
+    rows = [{"trial_id": r.trial_id, **dataclasses.asdict(e)} for r in results for e in r.epochs]
+    rows = [{name: row[name] for name in EPOCH_SCHEMA.names} for row in rows]
+    return pa.Table.from_pylist(rows, schema=_with_version(EPOCH_SCHEMA, run_id))
+
+
+def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:
+    """Flush finished trials: epochs part, then trials part (the commit point)."""
+    if not results:
+        return
+    name = f"part-{run_id}-{seq:06d}.parquet"
+    for kind in (EPOCHS, TRIALS):
+        (results_dir / kind).mkdir(parents=True, exist_ok=True)
+    write_atomic(epochs_table(results, run_id), results_dir / EPOCHS / name)
+    write_atomic(trials_table(results, run_id), results_dir / TRIALS / name)
+
+
+def _parts(results_dir: Path, kind: str) -> list[Path]:
+    folder = results_dir / kind
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+
+
+def check_part(path: Path, kind: str) -> None:
+    """Raise StoreError (one line) unless ``path`` is a readable part of our current schema."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise StoreError(f"{path}: not a readable Parquet file ({type(exc).__name__}); "
+                         f"move it out of {path.parent} or delete it") from None
+    meta = schema.metadata or {}
+    if _VERSION_KEY not in meta:
+        raise StoreError(f"{path}: not written by the harness (no schema version); move it out of {path.parent}")
+    version = meta[_VERSION_KEY].decode()
+    if version != str(SCHEMA_VERSION):
+        raise StoreError(
+            f"{path}: results schema version {version}, this harness reads version {SCHEMA_VERSION}; "
+            f"use the harness version that wrote it, or start anew with --fresh (the old folder is kept)")
+    missing = [n for n in _SCHEMAS[kind].names if n not in schema.names]
+    if missing:
+        raise StoreError(f"{path}: missing columns {', '.join(missing)}; not a harness {kind} file")
+
+
+def set_aside(results_dir: Path, path: Path, reason: str) -> Path:
+    """Move an unreadable file out of the way (never delete it) and warn."""
+    target_dir = results_dir / SET_ASIDE
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{path.parent.name}-{path.name}"
+    n = 1
+    while target.exists():
+        target = target_dir / f"{path.parent.name}-{n}-{path.name}"
+        n += 1
+    os.replace(path, target)
+    warnings.warn(f"{reason}; moved it to {target}", stacklevel=2)
+    return target
+
+
+def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = None,
+               on_bad: str = "raise") -> pa.Table:
+    """All parts of ``kind`` as one table. ``on_bad``: 'raise' a StoreError or 'set-aside'."""
+    tables = []
+    for path in _parts(results_dir, kind):
+        try:
+            check_part(path, kind)
+            tables.append(pq.read_table(path, columns=list(columns) if columns else None))
+        except StoreError as exc:
+            if on_bad == "raise":
+                raise
+            set_aside(results_dir, path, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a file that lies about itself past the footer
+            if on_bad == "raise":
+                raise StoreError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+            set_aside(results_dir, path, f"{path}: cannot be read")
+    schema = _SCHEMAS[kind]
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+
+
+def read_trials(results_dir: Path | str):
+    """One pandas row per trial; refuses (StoreError) a folder holding files it cannot read."""
+    return read_table(Path(results_dir), TRIALS).to_pandas()
+
+
+def read_epochs(results_dir: Path | str):
+    return read_table(Path(results_dir), EPOCHS).to_pandas()
+
+
+def drop_orphan_epochs(results_dir: Path) -> list[Path]:
+    """Remove epochs parts whose trials part never landed (a flush cut short by a kill):
+    their trials have no row, so they will run again and write their epochs anew."""
+    committed = {p.name for p in _parts(results_dir, TRIALS)}
+    orphans = [p for p in _parts(results_dir, EPOCHS) if p.name not in committed]
+    for path in orphans:
+        path.unlink()
+    return orphans
+
+
+def finished_trials(results_dir: Path) -> dict[str, str]:
+    """trial_id -> status for every trial already on disk; unreadable parts are set aside."""
+    table = read_table(results_dir, TRIALS, columns=["trial_id", "status"], on_bad="set-aside")
+    return dict(zip(table.column("trial_id").to_pylist(), table.column("status").to_pylist()))
+
+
+def remove_trials(results_dir: Path, trial_ids: set[str]) -> int:
+    """Take rows of ``trial_ids`` (failed trials about to be retried) out of their part files,
+    keeping the removed rows under set-aside/ so nothing is lost. Returns rows removed."""
+    import pyarrow.compute as pc
+
+    removed = 0
+    ids = pa.array(sorted(trial_ids), type=pa.string())
+    for kind in (TRIALS, EPOCHS):
+        for path in _parts(results_dir, kind):
+            table = pq.read_table(path)
+            hit = pc.is_in(table.column("trial_id"), value_set=ids)
+            n_hit = pc.sum(hit).as_py() or 0
+            if not n_hit:
+                continue
+            keep = table.filter(pc.invert(hit))
+            folder = results_dir / SET_ASIDE
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(table.filter(hit), folder / f"retried-{kind}-{path.name}")
+            if keep.num_rows:
+                write_atomic(keep.replace_schema_metadata(table.schema.metadata), path)
+            else:
+                path.unlink()
+            if kind == TRIALS:
+                removed += n_hit
+    return removed
+
+
+def write_run_metadata(results_dir: Path, meta: dict) -> Path:
+    folder = results_dir / RUNS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{meta['run_id']}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_runs(results_dir: Path | str) -> list[dict]:
+    folder = Path(results_dir) / RUNS
+    runs = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            warnings.warn(f"{path}: unreadable run metadata, ignored", stacklevel=2)
+    return runs
+
+
+def is_results_dir(path: Path) -> bool:
+    return (path / TRIALS).is_dir() or (path / RUNS).is_dir()
+
+
+@contextlib.contextmanager
+def locked(results_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder for the whole run; a second run refuses at once.
+    The kernel drops the lock when the process dies, so a killed run never leaves it stuck."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(results_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StoreError(f"{results_dir}: in use by {holder}; wait for it to finish, "
+                             f"or pass another --results folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def move_aside(results_dir: Path) -> Path | None:
+    """For --fresh: rename an existing results folder to <name>.<UTC time>; never delete it."""
+    if not results_dir.exists():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = results_dir.with_name(f"{results_dir.name}.{stamp}")
+    n = 1
+    while target.exists():
+        target = results_dir.with_name(f"{results_dir.name}.{stamp}-{n}")
+        n += 1
+    shutil.move(str(results_dir), str(target))
+    return target
