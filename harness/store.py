@@ -61,8 +61,9 @@ def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
     """Rows built by walking the schema's column list, so the two cannot drift apart."""
     rows = []
     for result in results:
-        values = {**result.spec.config_values(), **dataclasses.asdict(result), "trial_id": result.trial_id,
-                  "run_id": run_id}
+        # TrialResult.epochs holds the per-epoch records; the 'epochs' column is the config value.
+        values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("spec", "epochs")}
+        values.update(result.spec.config_values(), trial_id=result.trial_id, run_id=run_id)
         rows.append({name: values[name] for name in TRIAL_SCHEMA.names})
     return pa.Table.from_pylist(rows, schema=_with_version(TRIAL_SCHEMA, run_id))
 

@@ -1,0 +1,112 @@
+"""Command lines: argument parsing and exit codes only; the work lives in the modules they call.
+
+Exit codes: 0 every trial ok or diverged, 1 some trial failed, 2 bad input, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from harness.config import ENGINES, ConfigError, load_grid, with_engine
+from harness.grid import LARGE_GRID_TRIALS, count_trials
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harness run", description="Run a grid of training trials and write results to Parquet.")
+    p.add_argument("grid", help="grid YAML file, e.g. grids/smoke.yaml")
+    p.add_argument("--results", type=Path, help="results folder (default: results/<grid name>/)")
+    p.add_argument("--address", help="Ray cluster to join (ray://host:10001, host:6379 or 'auto'); "
+                                     "default: $RAY_ADDRESS, else a private local Ray")
+    p.add_argument("--backend", choices=("ray", "serial"), default="ray",
+                   help="ray (default) or serial: the same trials in this process, without Ray")
+    p.add_argument("--engine", choices=ENGINES, help="override the grid's train.engine")
+    p.add_argument("--max-concurrent", type=_positive_int, help="at most N tasks in flight (default: as many as CPUs allow)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (and TF threads) per task (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--fresh", action="store_true", help="move existing results aside (kept, renamed) and start anew")
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    p.add_argument("--yes", action="store_true", help=f"allow grids of more than {LARGE_GRID_TRIALS:,} trials")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show Ray and TensorFlow logs from workers")
+    return p
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    from harness import driver, store
+    from harness.scheduler import RayBackend, SerialBackend
+
+    args = run_parser().parse_args(argv)
+    prog = "harness run"
+    try:
+        grid = with_engine(load_grid(args.grid), args.engine)
+        n = count_trials(grid)
+        if n > LARGE_GRID_TRIALS and not args.yes:
+            raise ConfigError(f"{args.grid}: the grid has {n:,} trials (over {LARGE_GRID_TRIALS:,}); "
+                              f"pass --yes if that is intended")
+        results_dir = args.results or driver.default_results_dir(grid)
+        driver.check_results_dir(results_dir)
+        if args.backend == "serial" and args.address:
+            raise ConfigError("--address needs the ray backend, not --backend serial")
+        if args.backend == "serial":
+            backend = SerialBackend()
+        else:
+            backend = RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                 max_concurrent=args.max_concurrent, verbose=args.verbose)
+        if args.dry_run:
+            on_disk = store.finished_trials(results_dir) if not args.fresh else {}
+            print(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name))
+            return 0
+        if args.fresh:
+            with store.locked(results_dir):
+                moved = store.move_aside(results_dir)
+            if moved:
+                print(f"moved earlier results to {moved}", file=sys.stderr)
+        if not args.verbose:
+            warnings.filterwarnings("ignore")
+        summary = driver.run_study(grid, results_dir, backend, retry_failed=args.retry_failed,
+                                   progress=not args.quiet,
+                                   meta_extra={"address": args.address or os.environ.get("RAY_ADDRESS"),
+                                               "cpus_per_trial": args.cpus_per_trial})
+    except (ConfigError, store.StoreError) as exc:
+        return _fail(prog, str(exc))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before any trial ran; nothing was written", file=sys.stderr)
+        return 130
+    print(summary.describe(), file=sys.stderr if summary.interrupted else sys.stdout)
+    return summary.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`harness run ...` or `harness report ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "report"):
+        print("usage: harness {run,report} ... (see harness run --help, harness report --help)", file=sys.stderr)
+        return 2
+    if argv[0] == "run":
+        return run_main(argv[1:])
+    from harness.report import report_main
+
+    return report_main(argv[1:])

@@ -1,0 +1,154 @@
+"""A run from grid to Parquet: plan what is left, hand it to a backend, write each result as it lands."""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import store
+from harness.config import GridConfig
+from harness.grid import TrialSpec, expand_grid, group_specs
+from harness.scheduler import Backend
+from harness.schema import new_run_id, run_metadata, utc_now
+
+
+@dataclass(frozen=True)
+class Plan:
+    specs: tuple[TrialSpec, ...]      # the whole grid
+    todo: tuple[TrialSpec, ...]       # what this run will train
+    done: dict[str, str]              # trial_id -> status already on disk for this grid
+    retry: frozenset[str]             # failed trials that --retry-failed will run again
+
+    @property
+    def kept_failed(self) -> int:
+        return sum(1 for s in self.specs if self.done.get(s.trial_id) == "failed") - len(self.retry)
+
+
+def plan_run(grid: GridConfig, on_disk: dict[str, str], retry_failed: bool) -> Plan:
+    """Which trials still need to run: finished ones (ok/diverged) never, failed ones on request."""
+    specs = expand_grid(grid)
+    failed = {s.trial_id for s in specs if on_disk.get(s.trial_id) == "failed"}
+    retry = failed if retry_failed else set()
+    todo = tuple(s for s in specs if s.trial_id not in on_disk or s.trial_id in retry)
+    done = {s.trial_id: on_disk[s.trial_id] for s in specs if s.trial_id in on_disk}
+    return Plan(specs=specs, todo=todo, done=done, retry=frozenset(retry))
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    results_dir: Path
+    total: int
+    skipped: int
+    statuses: Counter = field(default_factory=Counter)  # statuses of the trials this run trained
+    grid_failed: int = 0        # failed trials of the whole grid, on disk after the run
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def ran(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.grid_failed else 0
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{self.statuses.get(s, 0)} {s}" for s in ("ok", "diverged", "failed"))
+        head = "interrupted" if self.interrupted else "done"
+        line = (f"{head}: {self.ran} trials run ({counts}), {self.skipped} already finished, "
+                f"{self.total} in the grid, {self.elapsed_s:.1f} s; results in {self.results_dir}")
+        if self.interrupted:
+            line += "; run the same command again to resume"
+        elif self.grid_failed:
+            line += f"; {self.grid_failed} failed (see the 'error' column; --retry-failed runs them again)"
+        return line
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="trial", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_failed: bool = False,
+              progress: bool = True, meta_extra: dict | None = None) -> RunSummary:
+    """Train every unfinished trial of ``grid`` into ``results_dir``; resumable at any point.
+
+    Holds the folder's lock for the whole run. Each group's results are written the moment
+    they arrive, so an interrupted run keeps all that finished. KeyboardInterrupt stops the
+    run, keeps what was written and returns with ``interrupted`` set.
+    """
+    started = utc_now()
+    t0 = time.perf_counter()
+    run_id = new_run_id(started)
+    with store.locked(results_dir):
+        store.drop_orphan_epochs(results_dir)
+        plan = plan_run(grid, store.finished_trials(results_dir), retry_failed)
+        if plan.retry:
+            store.remove_trials(results_dir, set(plan.retry))
+        summary = RunSummary(run_id=run_id, results_dir=results_dir, total=len(plan.specs),
+                             skipped=len(plan.specs) - len(plan.todo))
+        if plan.todo:
+            store.write_run_metadata(results_dir, run_metadata(
+                run_id, started, grid.path, grid.sha256,
+                {"grid_name": grid.name, "backend": backend.name, "trials_in_grid": len(plan.specs),
+                 "trials_to_run": len(plan.todo), "argv": sys.argv, **(meta_extra or {})}))
+        bar = _progress(len(plan.todo), grid.name, progress and bool(plan.todo))
+        # No work, no backend: a finished grid reruns in a blink, without starting Ray.
+        results_iter = backend.run(group_specs(plan.todo)) if plan.todo else iter([])
+        try:
+            for seq, results in enumerate(results_iter):
+                store.write_results(results_dir, results, run_id, seq)
+                summary.statuses.update(r.status for r in results)
+                bar.update(len(results))
+                bar.set_postfix(failed=summary.statuses["failed"], diverged=summary.statuses["diverged"],
+                                refresh=False)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            if hasattr(results_iter, "close"):
+                results_iter.close()  # cancels tasks in flight and shuts down a Ray it started
+            bar.close()
+        summary.grid_failed = plan.kept_failed + summary.statuses["failed"]
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def describe_plan(grid: GridConfig, plan: Plan, backend_name: str) -> str:
+    """What --dry-run prints: counts, work units and the trials that would run."""
+    groups = group_specs(plan.todo)
+    engines = Counter(s.train.engine for s in plan.todo)
+    updates = sum(s.planned_updates for s in plan.todo)
+    lines = [
+        f"grid '{grid.name}' ({grid.path}): {len(plan.specs)} trials; {len(plan.specs) - len(plan.todo)} "
+        f"already finished; {len(plan.todo)} would run as {len(groups)} tasks on the {backend_name} backend "
+        f"({', '.join(f'{n} {e}' for e, n in sorted(engines.items())) or 'nothing'}; {updates:,} updates)",
+    ]
+    if plan.kept_failed:
+        lines.append(f"{plan.kept_failed} failed trials are kept as they are (--retry-failed runs them again)")
+    for spec in plan.todo:
+        extra = "" if spec.trial_id not in plan.retry else "  (retry)"
+        lines.append(f"  {spec.trial_id}  batch_size={spec.batch_size} learning_rate={spec.learning_rate:g} "
+                     f"seed={spec.seed} momentum={spec.train.momentum:g} epochs={spec.train.epochs} "
+                     f"engine={spec.train.engine}{extra}")
+    return "\n".join(lines)
+
+
+def default_results_dir(grid: GridConfig, root: Path = Path("results")) -> Path:
+    return root / grid.name
+
+
+def check_results_dir(path: Path) -> None:
+    """Refuse a --results path that exists but is not a folder we can use."""
+    if path.exists() and not path.is_dir():
+        raise store.StoreError(f"{path}: exists and is not a folder; pass another --results")
+    if path.is_dir() and any(path.iterdir()) and not store.is_results_dir(path) \
+            and not (path / ".lock").exists():
+        raise store.StoreError(f"{path}: is a folder with other files, not a results folder; "
+                               f"pass an empty or new --results folder")

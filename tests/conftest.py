@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny grids, and one in-process Ray for the tests that need it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.config import parse_grid
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def tiny_grid(epochs: int = 3, **sweep):
+    """A small grid on the reference problem; keyword arguments replace sweep axes."""
+    axes = {"batch_size": [100, 500], "learning_rate": [0.05], "seed": [0]}
+    axes.update(sweep)
+    return parse_grid({"name": "tiny", "train": {"epochs": epochs}, "sweep": axes}, "tiny.yaml")
+
+
+def check_golden(name: str, text: str) -> None:
+    """Compare with tests/golden/<name>; HARNESS_UPDATE_GOLDEN=1 rewrites it on purpose."""
+    path = GOLDEN / name
+    if os.environ.get("HARNESS_UPDATE_GOLDEN") == "1" or not path.exists():
+        path.write_text(text)
+    expected = path.read_text()
+    if text != expected:
+        diff = [f"line {i + 1}: expected {a!r}, got {b!r}" for i, (a, b) in
+                enumerate(zip(expected.splitlines(), text.splitlines())) if a != b]
+        pytest.fail(f"{name} changed ({len(diff)} lines differ, {len(expected.splitlines())} vs "
+                    f"{len(text.splitlines())} lines):\n" + "\n".join(diff[:20]) +
+                    "\nIf the change is intended, rerun with HARNESS_UPDATE_GOLDEN=1 and commit the file.")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private Ray instance for the session's in-process Ray tests (2 CPUs, quiet)."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    import fakes
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(fakes)  # Ray workers cannot import tests/ by name
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,50 @@
+"""The Ray backend, on a real in-process Ray, against the serial backend."""
+import pytest
+
+from harness.grid import expand_grid, group_specs
+from harness.scheduler import RayBackend, SerialBackend
+
+from conftest import tiny_grid
+from fakes import die_on_seed_one, instant_work
+
+
+def _by_id(batches):
+    return {r.trial_id: r for batch in batches for r in batch}
+
+
+def test_serial_and_ray_give_the_same_numbers(ray_local):
+    groups = group_specs(expand_grid(tiny_grid(epochs=3, batch_size=[50, 500], seed=[0, 1])))
+    serial = _by_id(SerialBackend().run(groups))
+    ray_results = _by_id(RayBackend().run(groups))
+    assert serial.keys() == ray_results.keys() and len(serial) == 4
+    for trial_id, a in serial.items():
+        b = ray_results[trial_id]
+        assert a.status == b.status == "ok"
+        assert [e.loss for e in a.epochs] == [e.loss for e in b.epochs]
+        assert a.test_accuracy == b.test_accuracy
+        assert a.node_id == "local" and b.node_id == ray_local.get_runtime_context().get_node_id()
+
+
+def test_results_arrive_in_completion_order_with_a_concurrency_cap(ray_local):
+    groups = group_specs(expand_grid(tiny_grid(epochs=1, batch_size=[1, 2, 4, 8, 16], seed=[0])))
+    batches = list(RayBackend(max_concurrent=2, work=instant_work).run(groups))
+    assert sorted(len(b) for b in batches) == [1] * 5
+    assert {r.trial_id for b in batches for r in b} == {g[0].trial_id for g in groups}
+
+
+def test_a_worker_that_keeps_dying_becomes_failed_rows(ray_local):
+    groups = group_specs(expand_grid(tiny_grid(epochs=1, batch_size=[100], seed=[0, 1, 2])))
+    results = _by_id(RayBackend(max_retries=1, work=die_on_seed_one).run(groups))
+    assert len(results) == 3
+    statuses = {r.spec.seed: r.status for r in results.values()}
+    assert statuses == {0: "ok", 1: "failed", 2: "ok"}
+    failed = next(r for r in results.values() if r.status == "failed")
+    assert "ray task lost after 1 retries" in failed.error
+
+
+def test_ray_backend_is_not_started_without_ray_initialised_by_the_test_twice(ray_local):
+    backend = RayBackend(work=instant_work)
+    assert backend.connect() is False  # joins the running instance instead of starting another
+    with pytest.raises(TypeError):
+        RayBackend(unknown_option=1)
+
