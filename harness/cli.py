@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -86,6 +87,9 @@ def run_main(argv: list[str] | None = None) -> int:
                 print(f"moved earlier results to {moved}", file=sys.stderr)
         if not args.verbose:
             warnings.filterwarnings("ignore")
+        # Batch schedulers (Slurm, Kubernetes) stop jobs with SIGTERM: treat it like Ctrl-C, so
+        # the run stops cleanly, keeps what finished and says how to resume.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         summary = driver.run_study(grid, results_dir, backend, retry_failed=args.retry_failed,
                                    progress=not args.quiet,
                                    meta_extra={"address": args.address or os.environ.get("RAY_ADDRESS"),

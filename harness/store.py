@@ -39,6 +39,10 @@ class StoreError(RuntimeError):
     """A results folder cannot be used as asked; the message is one line for the user."""
 
 
+class SchemaVersionError(StoreError):
+    """Results written by another schema version: never set aside or mixed in, always refused."""
+
+
 def write_atomic(table: pa.Table, path: Path) -> None:
     # Readers and resumed runs must never see half a file: write beside the target (a dot
     # name, which pyarrow's dataset discovery skips), flush to disk, then rename in one step.
@@ -104,7 +108,7 @@ def check_part(path: Path, kind: str) -> None:
         raise StoreError(f"{path}: not written by the harness (no schema version); move it out of {path.parent}")
     version = meta[_VERSION_KEY].decode()
     if version != str(SCHEMA_VERSION):
-        raise StoreError(
+        raise SchemaVersionError(
             f"{path}: results schema version {version}, this harness reads version {SCHEMA_VERSION}; "
             f"use the harness version that wrote it, or start anew with --fresh (the old folder is kept)")
     missing = [n for n in _SCHEMAS[kind].names if n not in schema.names]
@@ -135,7 +139,7 @@ def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = Non
             check_part(path, kind)
             tables.append(pq.read_table(path, columns=list(columns) if columns else None))
         except StoreError as exc:
-            if on_bad == "raise":
+            if on_bad == "raise" or isinstance(exc, SchemaVersionError):
                 raise
             set_aside(results_dir, path, str(exc))
         except Exception as exc:  # noqa: BLE001 - a file that lies about itself past the footer

@@ -35,3 +35,15 @@ def die_on_seed_one(group):
     if any(s.seed == 1 for s in group):
         os._exit(1)
     return instant_work(group)
+
+
+def die_once_then_work(marker_dir, group):
+    """Kills its worker the first time it sees each trial, then succeeds: a transient crash."""
+    from pathlib import Path
+
+    for spec in group:
+        marker = Path(marker_dir) / spec.trial_id
+        if not marker.exists():
+            marker.write_text("died once")
+            os._exit(1)
+    return instant_work(group)
