@@ -74,3 +74,34 @@ def test_an_exception_becomes_a_failed_row(monkeypatch):
     res = run_group([spec])[0]
     assert res.status == "failed" and res.error == "MemoryError: out of memory in a test"
     assert res.finished_at is not None and res.updates == 0
+
+
+def plain_fit_history(spec):
+    """The reference path as the tutorial writes it (fit with validation_data, one step per call),
+    fed the harness's batch order."""
+    import keras
+
+    from harness.problem import build_model, make_data
+    from harness.trial import compile_model, epoch_dataset
+
+    data = make_data(spec.problem)
+    keras.backend.clear_session()
+    model = build_model(spec.model, spec.problem, spec.seed)
+    compile_model(model, spec, steps_per_execution=1)
+    history = model.fit(epoch_dataset(data, spec), epochs=spec.train.epochs, steps_per_epoch=spec.updates_per_epoch,
+                        validation_data=(data.x_test, data.y_test), shuffle=False, verbose=0).history
+    final = model.evaluate(data.x_test, data.y_test, verbose=0, return_dict=True)
+    return history, final
+
+
+@pytest.mark.parametrize("batch_size", [7, 500])
+def test_fast_keras_path_gives_the_plain_fit_numbers(batch_size):
+    spec = expand_grid(tiny_grid(epochs=3, batch_size=[batch_size], learning_rate=[0.01], seed=[2]))[0]
+    fast = run_trial(spec)
+    history, final = plain_fit_history(spec)
+    assert [e.accuracy for e in fast.epochs] == pytest.approx(history["accuracy"], abs=1e-6)
+    assert [e.loss for e in fast.epochs] == pytest.approx(history["loss"], rel=1e-5)
+    assert [e.val_accuracy for e in fast.epochs] == pytest.approx(history["val_accuracy"], abs=1e-6)
+    assert [e.val_loss for e in fast.epochs] == pytest.approx(history["val_loss"], rel=1e-5)
+    assert fast.test_accuracy == pytest.approx(final["accuracy"], abs=1e-6)
+    assert fast.test_loss == pytest.approx(final["loss"], rel=1e-5)
