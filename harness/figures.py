@@ -1,0 +1,228 @@
+"""Pure plotting: every ``plot_*`` takes result frames (as ``store.read_trials``/``read_epochs``
+return them) and returns a matplotlib Figure; nothing here saves, shows or touches a file.
+
+Figures are built as ``matplotlib.figure.Figure`` objects rather than through pyplot, so they
+hold no global state, work under whatever backend the caller has (a notebook keeps its own),
+and are freed when dropped. Seaborn draws into their axes; its styles apply only inside
+``plot_style()``. The computations live in ``harness.analysis`` so they can be tested as numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from harness import analysis
+from harness.config import ProblemConfig
+from harness.problem import make_data
+
+TRAIN_TEST = {"train": "#1f77b4", "test": "#d62728"}
+DIVERGED_COLOR, FAILED_COLOR = "#7f7f7f", "#b07aa1"
+
+
+@contextlib.contextmanager
+def plot_style() -> Iterator[None]:
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.15):
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained", dpi=110)
+
+
+def add_title(fig: Figure, title: str, note: str = "") -> None:
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize="large")
+
+
+def add_caption(fig: Figure, text: str) -> None:
+    fig.supxlabel(text, fontsize="small", color="#444444")
+
+
+def bs_axis(ax, sizes) -> None:
+    """Log2 batch-size x axis whose ticks are the batch sizes actually run."""
+    sizes = sorted({int(s) for s in sizes})
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    pad = 2 ** 0.35
+    ax.set_xlim(sizes[0] / pad, sizes[-1] * pad)
+    ax.set_xlabel("batch size (log2)")
+
+
+def lr_palette(rates) -> dict[str, tuple]:
+    rates = sorted(rates)
+    colors = sns.color_palette("flare", max(len(rates), 2))
+    return {f"{lr:g}": colors[i] for i, lr in enumerate(rates)}
+
+
+def bs_palette(sizes) -> dict[int, tuple]:
+    sizes = sorted(sizes)
+    colors = sns.color_palette("viridis", max(len(sizes), 2))
+    return {int(b): colors[i] for i, b in enumerate(sizes)}
+
+
+def _cell(df: pd.DataFrame, bs, lr) -> pd.DataFrame:
+    return df[(df["batch_size"] == bs) & (df["learning_rate"] == lr)]
+
+
+def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str = "",
+                         expected: Mapping[tuple[int, float], int] | None = None) -> Figure:
+    """Train and test accuracy per epoch, one panel per batch size and one row per learning
+    rate: mean over the ok seeds with a 95% t-interval band. Diverged seeds are drawn thin and
+    grey and left out of the mean; ``expected`` (cell -> trials planned) labels short cells."""
+    curve = analysis.curves(trials, epochs)
+    bands = analysis.curve_bands(curve)
+    expected = expected or {}
+    sizes = sorted({*trials["batch_size"], *(b for b, _ in expected)})
+    rates = sorted({*trials["learning_rate"], *(lr for _, lr in expected)})
+    with plot_style():
+        fig = new_figure(2.3 * len(sizes) + 0.8, 2.0 * len(rates) + 1.1)
+        axes = fig.subplots(len(rates), len(sizes), sharex=True, sharey=True, squeeze=False)
+        for i, lr in enumerate(reversed(rates)):
+            for j, bs in enumerate(sizes):
+                ax, cell = axes[i][j], _cell(trials, bs, lr)
+                band = _cell(bands, bs, lr)
+                for split, color in TRAIN_TEST.items():
+                    b = band[band["split"] == split]
+                    ax.fill_between(b["epoch"], b["low"], b["high"], color=color, alpha=0.25, linewidth=0)
+                    ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2)
+                for _, bad in _cell(curve, bs, lr).query("status == 'diverged'").groupby("trial_id"):
+                    ax.plot(bad["epoch"], bad["val_accuracy"], color=DIVERGED_COLOR, linewidth=0.7)
+                ax.text(0.97, 0.04, _cell_label(cell, expected.get((int(bs), float(lr)))),
+                        transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1.0})
+                ax.set_title(f"batch size {bs}" if i == 0 else "", fontsize="medium")
+                ax.set_ylabel(f"lr {lr:g}\naccuracy" if j == 0 else "")
+                ax.set_xlabel("epoch" if i == len(rates) - 1 else "")
+        handles = [Line2D([], [], color=c, label=s) for s, c in TRAIN_TEST.items()]
+        if (curve["status"] == "diverged").any():
+            handles.append(Line2D([], [], color=DIVERGED_COLOR, linewidth=0.7, label="diverged seed (test)"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize="small",
+                   title_fontsize="small", title="mean over ok seeds with 95% CI band; train = running "
+                                                 "accuracy over the epoch's batches, test = after the epoch")
+        add_title(fig, "Learning curves", note)
+    return fig
+
+
+def _cell_label(cell: pd.DataFrame, expected: int | None) -> str:
+    """'3 seeds', '2 of 3 seeds, 1 diverged', 'no trials yet' ..."""
+    n, ok = len(cell), int((cell["status"] == "ok").sum())
+    parts = [f"{ok} of {n} ok" if ok < n else f"{n} seed{'s' if n != 1 else ''}"]
+    for status in ("diverged", "failed"):
+        k = int((cell["status"] == status).sum())
+        if k:
+            parts.append(f"{k} {status}")
+    if expected and n < expected:
+        parts.append(f"{expected - n} of {expected} pending")
+    if n == 0:
+        return f"{expected} pending" if expected else "no trials"
+    return ", ".join(parts)
+
+
+def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
+                          expected: Mapping[tuple[int, float], int] | None = None) -> Figure:
+    """Mean final test accuracy over the ok seeds of each (batch size, learning rate) cell, with
+    its 95% CI half-width. A cell whose seeds all diverged or failed is hatched and labelled, a
+    cell where some did has a red frame and says how many were left out of the mean."""
+    cells = analysis.summarize_cells(trials)
+    expected = expected or {}
+    sizes = sorted({*cells["batch_size"], *(b for b, _ in expected)})
+    rates = sorted({*cells["learning_rate"], *(lr for _, lr in expected)}, reverse=True)
+    grid = cells.pivot(index="learning_rate", columns="batch_size", values="test_acc_mean")
+    grid = grid.reindex(index=rates, columns=sizes)
+    by_cell = {(int(r.batch_size), float(r.learning_rate)): r for r in cells.itertuples()}
+    values = grid.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    if vmax - vmin < 0.02:
+        vmin, vmax = vmin - 0.01, vmax + 0.01
+    cmap = sns.color_palette("viridis", as_cmap=True)
+    with plot_style():
+        fig = new_figure(max(7.0, 1.3 * len(sizes) + 2.6), 0.75 * len(rates) + 2.4)
+        ax = fig.subplots()
+        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=1.5, linecolor="white",
+                    cbar_kws={"label": "final test accuracy"}, xticklabels=[f"{b:g}" for b in sizes],
+                    yticklabels=[f"{lr:g}" for lr in rates])
+        for i, lr in enumerate(rates):
+            for j, bs in enumerate(sizes):
+                _annotate_cell(ax, i, j, by_cell.get((int(bs), float(lr))), expected.get((int(bs), float(lr))),
+                               cmap, vmin, vmax)
+        ax.set_xlabel("batch size (log2 order)")
+        ax.set_ylabel("learning rate")
+        ax.tick_params(axis="y", rotation=0)
+        add_caption(fig, "mean ± 95% CI half-width over the n ok seeds of a cell\n"
+                      "hatched: no ok seed (all diverged, failed or not run)\n"
+                      "red frame: some seeds diverged or failed; they are left out of the mean")
+        add_title(fig, "Final test accuracy", note)
+    return fig
+
+
+def _annotate_cell(ax, i: int, j: int, row, expected: int | None, cmap, vmin: float, vmax: float) -> None:
+    if row is None or row.ok == 0:
+        if row is None:
+            text, color = ("pending" if expected else "not run"), "#dddddd"
+        else:
+            text = "\n".join(f"{k} {s}" for s, k in (("diverged", row.diverged), ("failed", row.failed)) if k)
+            color = DIVERGED_COLOR if row.diverged >= row.failed else FAILED_COLOR
+        ax.add_patch(Rectangle((j, i), 1, 1, facecolor=color, hatch="//", edgecolor="white", linewidth=0))
+        ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize="small", color="black",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.5})
+        return
+    shade = cmap((row.test_acc_mean - vmin) / (vmax - vmin))
+    ink = "black" if 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] > 0.5 else "white"
+    half = row.test_acc_ci_high - row.test_acc_mean
+    lines = [f"{row.test_acc_mean:.3f}" + (f" ±{half:.3f}" if np.isfinite(half) else ""), f"n={row.ok}"]
+    lost = [f"{k} {s}" for s, k in (("diverged", row.diverged), ("failed", row.failed)) if k]
+    if expected and row.trials < expected:
+        lost.append(f"{expected - row.trials} pending")
+    if lost:
+        lines[-1] += " (" + ", ".join(lost) + ")"
+    if row.diverged or row.failed:
+        ax.add_patch(Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2))
+    ax.text(j + 0.5, i + 0.5, "\n".join(lines), ha="center", va="center", fontsize="small", color=ink)
+
+
+def plot_data_set(trials: pd.DataFrame) -> Figure:
+    """The training and test points of the (single) problem in ``trials``, coloured by class."""
+    problem = problem_of(trials)
+    data = make_data(problem)
+    frames = []
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        frames.append(pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)),
+                                    "class": [f"class {k}" for k in y.argmax(axis=1)], "split": split}))
+    points = pd.concat(frames, ignore_index=True)
+    classes = sorted(points["class"].unique())
+    with plot_style():
+        fig = new_figure(9.0, 4.6)
+        axes = fig.subplots(1, 2, sharex=True, sharey=True)
+        for ax, split in zip(axes, ("train", "test")):
+            part = points[points["split"] == split]
+            sns.scatterplot(part, x="x1", y="x2", hue="class", hue_order=classes, palette="deep", s=14,
+                            alpha=0.75, linewidth=0, ax=ax, legend=split == "test")
+            ax.set_title(f"{split}: {len(part)} points")
+            ax.set_aspect("equal", adjustable="box")
+        sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title=None)
+        shown = f" (features 1 and 2 of {problem.n_features})" if problem.n_features > 2 else ""
+        add_title(fig, f"Data set: {problem.dataset}, {problem.centers} classes, cluster std {problem.cluster_std:g}, "
+                    f"{problem.n_samples} samples{shown}")
+    return fig
+
+
+def problem_of(trials: pd.DataFrame) -> ProblemConfig:
+    """The ProblemConfig the trials were run on; ValueError if they mix several."""
+    names = [f.name for f in dataclasses.fields(ProblemConfig)]
+    distinct = trials[names].drop_duplicates()
+    if len(distinct) != 1:
+        raise ValueError(f"trials hold {len(distinct)} problems; plot one at a time")
+    kinds = {"int": int, "float": float, "str": str}
+    row = distinct.iloc[0]
+    return ProblemConfig(**{f.name: kinds[f.type](row[f.name]) for f in dataclasses.fields(ProblemConfig)})

@@ -1,0 +1,226 @@
+"""Pure plotting of how a study changes with batch size: training speed, the three clocks to a
+target accuracy, the best learning rate and seed-to-seed stability. Same rules as
+``harness.figures``: frames in, a Figure out, no I/O; the numbers come from ``harness.analysis``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import (FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator,
+                               ScalarFormatter)
+
+from harness import analysis
+from harness.figures import add_caption, add_title, bs_axis, bs_palette, lr_palette, new_figure, plot_style
+
+CLOCK_LABELS = {"epochs": "epochs to target", "updates": "updates to target",
+                "seconds": "seconds to target"}
+MEDIAN_COLOR, SEED_COLOR = "#1f77b4", "#9aa5b1"
+
+
+def _count(v, _=None) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def log_axis(ax, axis: str = "y", base: float = 2) -> None:
+    """Log scale with plain-number labels, chosen from what is drawn (call it after plotting).
+    A range narrower than 4x gets evenly spaced ticks: a log locator finds at most one power in it."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log", base=base)
+    ax.autoscale_view()
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    if high / low < 4:
+        target.set_major_locator(MaxNLocator(nbins=5))
+        target.set_major_formatter(ScalarFormatter(useOffset=False))
+    else:
+        span = high / low
+        target.set_major_locator(LogLocator(base=base, subs=(1.0, 2.0, 5.0) if base == 10 and span < 300 else (1.0,)))
+        target.set_major_formatter(FuncFormatter(_count))
+    target.set_minor_locator(NullLocator())
+
+
+def _not_reached(ax, sizes, label: str = "never reaches target", color: str = "black") -> None:
+    """Triangles on the top edge for batch sizes that have no value to plot."""
+    if len(sizes):
+        ax.scatter(list(sizes), [0.96] * len(sizes), marker="^", s=60, color=color, clip_on=False,
+                   zorder=5, transform=ax.get_xaxis_transform(), label=label)
+
+
+def _shared_legend(fig: Figure, caption: str = "") -> None:
+    """One legend under the panels with every label once, so no legend sits on the data; the
+    caption rides along as its title (a separate caption would collide with it)."""
+    seen: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=max(len(seen), 1), frameon=False,
+               title=caption or None, title_fontsize="small", fontsize="small")
+
+
+def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
+                        note: str = "") -> Figure:
+    """Wall clock per trial and per epoch against batch size (mean over trials of all learning
+    rates, 95% CI), and test accuracy against (amortized) seconds for each batch size at the rate
+    that reaches ``target`` soonest (else the most accurate rate). Isolated and amortized
+    (fused-group) timings are separate lines, never pooled."""
+    enriched = analysis.with_derived(trials)
+    ok = enriched[enriched["status"] == "ok"]  # a diverged trial stopped early: its total says nothing
+    finished = enriched[enriched["status"].isin(["ok", "diverged"])]
+    sizes = sorted(trials["batch_size"].unique())
+    best = analysis.best_lr_for_time(analysis.summarize_cells(analysis.enrich(trials, epochs, target)))
+    curve = analysis.curves(trials, epochs).query("status == 'ok'")
+    curve = curve.merge(best[["batch_size", "learning_rate"]], on=["batch_size", "learning_rate"])
+    curve["timing"] = analysis.timing_kind(curve)
+    kinds = sorted(finished["timing"].unique())
+    with plot_style():
+        fig = new_figure(15.0, 4.6)
+        ax_trial, ax_epoch, ax_acc = fig.subplots(1, 3)
+        for ax, frame, col, label in ((ax_trial, ok, "wall_clock_s", "seconds per trial"),
+                                      (ax_epoch, finished, "epoch_s", "seconds per epoch")):
+            if len(frame):
+                sns.lineplot(frame, x="batch_size", y=col, hue="timing", hue_order=kinds, style="engine",
+                             markers=True, dashes=False, errorbar=analysis.ci_band, ax=ax,
+                             palette="colorblind", legend=ax is ax_trial)
+            bs_axis(ax, sizes)
+            log_axis(ax, base=10)
+            ax.set_ylabel(label)
+        if ax_trial.get_legend():
+            sns.move_legend(ax_trial, "best", fontsize="x-small", title_fontsize="x-small")
+        palette = bs_palette(sizes)
+        for (bs, kind), g in curve.groupby(["batch_size", "timing"]):
+            mean = g.groupby("epoch")[["seconds", "val_accuracy"]].mean()
+            ax_acc.plot(mean["seconds"], mean["val_accuracy"], color=palette[int(bs)], linewidth=1.3,
+                        linestyle="-" if kind == analysis.ISOLATED else "--")
+        ax_acc.axhline(target, color="black", linestyle=":", linewidth=1)
+        log_axis(ax_acc, axis="x", base=10)
+        ax_acc.set_xlabel("seconds since training started (log)")
+        ax_acc.set_ylabel("test accuracy (mean over seeds)")
+        handles = [Line2D([], [], color=palette[int(b)], label=f"{b} (lr {lr:g})")
+                   for b, lr in zip(best["batch_size"], best["learning_rate"])]
+        handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {target:g}"))
+        ax_acc.legend(handles=handles, title="batch size", fontsize="x-small", title_fontsize="x-small",
+                      loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        ax_acc.set_title("time to accuracy, fastest lr per batch size", fontsize="medium")
+        ax_trial.set_title("wall clock per trial (ok trials)", fontsize="medium")
+        ax_epoch.set_title("wall clock per epoch", fontsize="medium")
+        if analysis.AMORTIZED in kinds:
+            add_caption(fig, "amortized = a fused group's time divided by its size, not an isolated measurement; "
+                          "dashed curves on the right are amortized")
+        add_title(fig, "Training speed", note)
+    return fig
+
+
+def plot_updates_to_target(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
+                           note: str = "") -> Figure:
+    """The three clocks to ``target`` test accuracy against batch size, each at the learning rate
+    that is best for it (median over seeds, grey dots = single seeds). Perfect scaling (twice the
+    batch, half the updates; the same number of epochs) is drawn for reference, and batch sizes
+    that never reach the target are triangles on the top edge."""
+    enriched = analysis.enrich(trials, epochs, target)
+    cells = analysis.summarize_cells(enriched)
+    sizes = sorted(trials["batch_size"].unique())
+    with plot_style():
+        fig = new_figure(15.0, 4.8)
+        for ax, clock in zip(fig.subplots(1, 3), ("epochs", "updates", "seconds")):
+            col = analysis.CLOCKS[clock]
+            best = analysis.best_lr_by_clock(cells, clock)
+            reached = best[np.isfinite(best[col])]
+            seeds = enriched.merge(reached[["batch_size", "learning_rate"]], on=["batch_size", "learning_rate"])
+            seeds = seeds[np.isfinite(seeds[col])]
+            ax.scatter(seeds["batch_size"], seeds[col], s=14, color=SEED_COLOR, label="single seeds", zorder=2)
+            ax.plot(reached["batch_size"], reached[col], marker="o", color=MEDIAN_COLOR, zorder=3,
+                    label="median over seeds, best lr")
+            for r in reached.itertuples():
+                ax.annotate(f"lr {r.learning_rate:g}", (r.batch_size, getattr(r, col)), textcoords="offset points",
+                            xytext=(0, 7), ha="center", fontsize="x-small")
+            if clock == "updates" and len(reached):
+                ideal = analysis.perfect_scaling(best)
+                ax.plot(ideal["batch_size"], ideal[col], color="black", linestyle="--", linewidth=1,
+                        label="perfect scaling")
+            if clock == "epochs" and len(reached):
+                ax.plot([reached["batch_size"].iloc[0], sizes[-1]], [reached[col].iloc[0]] * 2, color="black",
+                        linestyle="--", linewidth=1, label="perfect scaling")
+            _not_reached(ax, best.loc[~np.isfinite(best[col]), "batch_size"])
+            bs_axis(ax, sizes)
+            ax.margins(y=0.12)
+            log_axis(ax, base=10 if clock == "seconds" else 2)
+            ax.set_ylabel(CLOCK_LABELS[clock] + " (log)")
+        caption = ("perfect scaling: the same number of epochs at every batch size, so each doubling of "
+                   "the batch halves the updates; anchored at the smallest batch size that reaches the target")
+        if (enriched["timing"] == analysis.AMORTIZED).any():
+            caption += "\nseconds include amortized fused-group timings (group time / group size)"
+        _shared_legend(fig, caption)
+        add_title(fig, f"Speed of learning to {target:g} test accuracy: three clocks "
+                    "(resolution: one epoch)", note)
+    return fig
+
+
+def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
+                            note: str = "") -> Figure:
+    """Best learning rate against batch size, by final test accuracy (among rates where no seed
+    diverged) and by fewest updates to ``target``. Grey lines are the rates tried, so a winner
+    on the edge of the grid (a sign the grid is too narrow) is plain to see."""
+    cells = analysis.summarize_cells(analysis.enrich(trials, epochs, target))
+    by_acc, by_updates = analysis.best_lr_by_accuracy(cells), analysis.best_lr_by_clock(cells, "updates")
+    rates = sorted(trials["learning_rate"].unique())
+    with plot_style():
+        fig = new_figure(7.5, 4.6)
+        ax = fig.subplots()
+        for lr in rates:
+            ax.axhline(lr, color="#cccccc", linewidth=0.8, zorder=1)
+        ax.plot(by_acc["batch_size"], by_acc["learning_rate"], marker="o", markersize=11, fillstyle="none",
+                linewidth=1.5, label="highest final test accuracy", zorder=3)
+        ax.plot(by_updates["batch_size"], by_updates["learning_rate"], marker="s", markersize=5, linestyle="--",
+                label=f"fewest updates to {target:g}", zorder=4)
+        edge = analysis.at_edge(pd.concat([by_acc, by_updates])[["batch_size", "learning_rate"]], rates)
+        if len(edge):
+            ax.scatter(edge["batch_size"], edge["learning_rate"], marker="x", s=40, color="red", zorder=5,
+                       label="best at the edge of the rates tried")
+        _not_reached(ax, by_acc.loc[by_acc["learning_rate"].isna(), "batch_size"], "every lr diverged", "C0")
+        _not_reached(ax, by_updates.loc[by_updates["learning_rate"].isna(), "batch_size"],
+                     f"no lr reaches {target:g}", "C1")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(FixedLocator(rates))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_ylim(rates[0] / 1.6, rates[-1] * 1.6)
+        ax.grid(False, axis="y")
+        bs_axis(ax, trials["batch_size"].unique())
+        ax.set_ylabel("learning rate (grey: rates tried)")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        add_title(fig, "Best learning rate by batch size", note)
+    return fig
+
+
+def plot_stability(trials: pd.DataFrame, epochs: pd.DataFrame, note: str = "") -> Figure:
+    """Per learning rate against batch size: the spread across seeds of the final test accuracy
+    (standard deviation over ok seeds), the noise left in the curves (std of the test accuracy
+    over the last 10% of epochs, mean over seeds) and the share of seeds that diverged."""
+    cells = analysis.summarize_cells(analysis.enrich(trials, epochs, target=math.inf))
+    cells["lr"] = [f"{lr:g}" for lr in cells["learning_rate"]]
+    palette = lr_palette(cells["learning_rate"].unique())
+    panels = (("test_acc_std", "std of final test accuracy\nacross seeds"),
+              ("curve_noise", "std of test accuracy over\nlast 10% of epochs"),
+              ("share_diverged", "share of seeds diverged"))
+    with plot_style():
+        fig = new_figure(15.0, 4.4)
+        axes = fig.subplots(1, 3)
+        for ax, (col, label) in zip(axes, panels):
+            shown = cells.dropna(subset=[col])
+            if len(shown):
+                sns.lineplot(shown, x="batch_size", y=col, hue="lr", hue_order=list(palette), palette=palette,
+                             marker="o", ax=ax, legend=ax is axes[-1])
+            else:
+                ax.text(0.5, 0.5, "needs 2 or more ok seeds per cell", transform=ax.transAxes, ha="center")
+            bs_axis(ax, cells["batch_size"])
+            ax.set_ylabel(label)
+        axes[2].set_ylim(-0.05, 1.05)
+        if axes[-1].get_legend():
+            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.01, 1.0), title="learning rate",
+                            frameon=False)
+        add_title(fig, "Stability across seeds", note)
+    return fig
