@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import warnings
@@ -30,10 +31,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _results_path(text: str) -> Path:
+    """A folder path, or a file:// URI read through pyarrow's filesystems. The store needs file
+    locks and atomic renames, so other schemes (s3://, gs://, hdfs://) must be mounted first."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if not match:
+        return Path(text)
+    scheme = match.group(1).lower()
+    if scheme != "file":
+        raise argparse.ArgumentTypeError(
+            f"{text}: a results folder needs file locks and atomic renames, which {scheme}:// does not "
+            f"offer; mount it (e.g. s3fs, gcsfuse, NFS) and pass the mounted path or a file:// URI")
+    from pyarrow import ArrowInvalid
+    from pyarrow.fs import FileSystem
+
+    try:
+        _, path = FileSystem.from_uri(text)
+    except ArrowInvalid as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a usable file:// URI ({exc})") from None
+    return Path(path)
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="harness run", description="Run a grid of training trials and write results to Parquet.")
     p.add_argument("grid", help="grid YAML file, e.g. grids/smoke.yaml")
-    p.add_argument("--results", type=Path, help="results folder (default: results/<grid name>/)")
+    p.add_argument("--results", type=_results_path,
+                   help="results folder or file:// URI (default: results/<grid name>/)")
     p.add_argument("--address", help="Ray cluster to join (ray://host:10001, host:6379 or 'auto'); "
                                      "default: $RAY_ADDRESS, else a private local Ray")
     p.add_argument("--backend", choices=("ray", "serial"), default="ray",
@@ -68,6 +91,11 @@ def run_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.grid}: the grid has {n:,} trials (over {LARGE_GRID_TRIALS:,}); "
                               f"pass --yes if that is intended")
         results_dir = args.results or driver.default_results_dir(grid)
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not results_dir.is_absolute():
+            # Under `ray job submit` the working directory is Ray's temporary copy of --working-dir.
+            print(f"harness run: warning: inside a Ray job, {results_dir} is under the job's temporary "
+                  f"working directory ({Path.cwd()}), which Ray may delete; pass an absolute --results "
+                  f"on storage you can reach", file=sys.stderr)
         driver.check_results_dir(results_dir)
         if args.backend == "serial" and args.address:
             raise ConfigError("--address needs the ray backend, not --backend serial")
@@ -93,7 +121,11 @@ def run_main(argv: list[str] | None = None) -> int:
         summary = driver.run_study(grid, results_dir, backend, retry_failed=args.retry_failed,
                                    progress=not args.quiet,
                                    meta_extra={"address": args.address or os.environ.get("RAY_ADDRESS"),
-                                               "cpus_per_trial": args.cpus_per_trial})
+                                               "cpus_per_trial": args.cpus_per_trial,
+                                               "engine_override": args.engine,
+                                               # the grid itself travels with its results, so a
+                                               # report can tell what is still missing from anywhere
+                                               "grid_yaml": Path(args.grid).read_text(encoding="utf-8")})
     except (ConfigError, store.StoreError) as exc:
         return _fail(prog, str(exc))
     except KeyboardInterrupt:

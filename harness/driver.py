@@ -95,6 +95,7 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
         summary = RunSummary(run_id=run_id, results_dir=results_dir, total=len(plan.specs),
                              skipped=len(plan.specs) - len(plan.todo))
         if plan.todo:
+            backend.connect()  # a cluster that cannot be joined fails here, before anything is written
             store.write_run_metadata(results_dir, run_metadata(
                 run_id, started, grid.path, grid.sha256,
                 {"grid_name": grid.name, "backend": backend.name, "trials_in_grid": len(plan.specs),

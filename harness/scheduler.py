@@ -2,8 +2,9 @@
 
 Both backends have one method, ``run(groups) -> Iterator[list[TrialResult]]``, yielding each
 group's results as it completes. The serial backend runs in this process (tests, debuggers);
-the Ray backend fans groups out as Ray tasks. Workers never touch the driver's disk: results
-travel back as return values and the driver writes them.
+the Ray backend fans groups out as Ray tasks, over this machine's cores or any Ray cluster.
+Workers share neither the driver's disk nor its process: the code ships through Ray's runtime
+environment, results travel back as return values, and only the driver writes them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
+from harness.config import ConfigError
 from harness.grid import TrialSpec
 from harness.trial import TrialResult, failed_result, run_group
 
@@ -19,8 +21,15 @@ Group = Sequence[TrialSpec]
 Work = Callable[[Group], list[TrialResult]]  # what runs one group; run_group unless a test swaps it
 
 
+class ClusterError(ConfigError):
+    """The Ray cluster named by --address or RAY_ADDRESS cannot be joined; one line for the user."""
+
+
 class Backend(Protocol):
     name: str
+
+    def connect(self) -> None:
+        """Get ready to run (join or start a cluster); raise a one-line error if that fails."""
 
     def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
         """Yield one list of results per group, in completion order."""
@@ -41,6 +50,9 @@ class SerialBackend:
     work: Work = run_group
     name: str = "serial"
 
+    def connect(self) -> None:
+        """Nothing to join: trials run in this process."""
+
     def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
         for group in groups:
             yield self.work(group)
@@ -60,14 +72,57 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
+def _code_env() -> dict | None:
+    """What a driver joining from outside ships to the workers: the harness package itself, so
+    the nodes need its dependencies installed but not this checkout."""
+    # Inside `ray job submit` the job supervisor hands its driver the job's runtime env
+    # (working_dir included) in this variable and ray.init merges it in: nothing to add.
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return None
+    import harness
+
+    return {"py_modules": [os.path.dirname(harness.__file__)]}
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _join_error(address: str, exc: BaseException) -> str:
+    if _auth_refused(exc):
+        # Never suggest RAY_AUTH_MODE=disabled: that opens the cluster to anyone who can reach it.
+        return (f"cannot join the Ray cluster at {address}: it wants token authentication "
+                f"(RAY_AUTH_MODE here is {os.environ.get('RAY_AUTH_MODE', 'unset')}); export "
+                f"RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN or in ~/.ray/auth_token "
+                f"(`ray get-auth-token` on the head node prints it)")
+    return f"cannot join the Ray cluster at {address}: {_last_line(exc)}; check --address and RAY_ADDRESS"
+
+
+def _check_address(address: str) -> None:
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"{address} is a dashboard (job API) address, not one a driver can join; submit with "
+            f"`ray job submit --address {address} -- python -m harness.run ...`, or pass "
+            f"--address ray://HEAD:10001 or HEAD:6379 (check RAY_ADDRESS too)")
+
+
 @dataclass
 class RayBackend:
     """Ray core tasks with ``ray.wait``: one task per group, ``cpus_per_trial`` CPUs each.
 
     ``address`` None starts a private, quiet Ray instance in this process (unless RAY_ADDRESS
-    is set, which Ray itself honours); anything else joins that cluster. A task whose worker
-    or node dies is retried by Ray up to ``max_retries`` times; after that its trials become
-    ``failed`` rows and the run goes on.
+    is set); anything else (``ray://host:10001``, ``host:6379``, ``auto``) joins that cluster
+    with the token authentication it asks for (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN or
+    ~/.ray/auth_token). Tasks are spread over the nodes, so even a small grid uses every node.
+    A task whose worker or node dies is retried by Ray, elsewhere if its node is gone, up to
+    ``max_retries`` times; after that its trials become ``failed`` rows and the run goes on.
     """
 
     address: str | None = None
@@ -79,13 +134,16 @@ class RayBackend:
     work: Work = run_group
     name: str = "ray"
     cluster_cpus: float = field(default=0.0, init=False)
+    _owns_ray: bool = field(default=False, init=False)  # shut Ray down after run() only if we started it
 
-    def connect(self) -> bool:
-        """Initialise Ray unless already initialised; returns True if this call did it."""
+    def connect(self) -> None:
+        """Initialise Ray unless already initialised (the driver calls this before writing
+        anything, so a cluster that cannot be joined leaves no trace). Raises ClusterError
+        (one line) when the cluster cannot be joined."""
         import ray
 
         if ray.is_initialized():
-            return False
+            return
         kwargs = dict(log_to_driver=self.verbose, logging_level=logging.INFO if self.verbose else logging.ERROR,
                       configure_logging=True)
         address = self.address or os.environ.get("RAY_ADDRESS") or None
@@ -93,26 +151,25 @@ class RayBackend:
             # A private instance: no dashboard, nothing listening beyond loopback.
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, **kwargs)
         else:
-            ray.init(address=address, runtime_env=self._code_env(address), **kwargs)
+            _check_address(address)
+            try:
+                ray.init(address=address, runtime_env=_code_env(), **kwargs)
+            except Exception as exc:  # noqa: BLE001 - Ray raises several types for one cause
+                raise ClusterError(_join_error(address, exc)) from exc
+        self._owns_ray = True
         self.cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
-        return True
-
-    def _code_env(self, address: str) -> dict | None:
-        # Inside `ray job submit` the job's working_dir already carries the code; a driver that
-        # joins from outside ships the harness package so workers need not have it installed.
-        if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
-            return None
-        import harness
-
-        return {"py_modules": [os.path.dirname(harness.__file__)]}
 
     def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
         import ray
         from ray.exceptions import RayError
 
-        started_here = self.connect()
+        self.connect()
         remote = ray.remote(_ray_group).options(
             num_cpus=self.cpus_per_trial, max_retries=self.max_retries, retry_exceptions=False,
+            # SPREAD: a grid smaller than the cluster still lands on every node instead of
+            # filling the driver's node first; on one machine it changes nothing.
+            scheduling_strategy="SPREAD",
+            # Merged with the job's runtime env (working_dir, py_modules), not replacing it.
             runtime_env={"env_vars": worker_env(self.cpus_per_trial)})
         queue = list(groups)
         limit = self.max_concurrent or len(queue) or 1
@@ -135,5 +192,6 @@ class RayBackend:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            if started_here:
+            if self._owns_ray:
                 ray.shutdown()
+                self._owns_ray = False

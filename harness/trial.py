@@ -139,7 +139,7 @@ def scorer(model, x: np.ndarray, y: np.ndarray):
     return lambda: tuple(float(v) for v in score())
 
 
-def _keras_fit(spec: TrialSpec, data: Data):
+def fit_keras(spec: TrialSpec, data: Data):
     import keras
 
     n_batches = spec.updates_per_epoch
@@ -176,7 +176,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
         pin_threads(int(os.environ.get("HARNESS_THREADS_PER_TRIAL", "1")))
         keras.backend.clear_session()
         data = make_data(spec.problem)
-        model, records, wall = _keras_fit(spec, data)
+        model, records, wall = fit_keras(spec, data)
         summary = summarize_epochs(spec, records)
         final = {}
         if summary["status"] == "ok":

@@ -44,7 +44,10 @@ def test_a_worker_that_keeps_dying_becomes_failed_rows(ray_local):
 
 def test_ray_backend_is_not_started_without_ray_initialised_by_the_test_twice(ray_local):
     backend = RayBackend(work=instant_work)
-    assert backend.connect() is False  # joins the running instance instead of starting another
+    backend.connect()
+    assert not backend._owns_ray  # joined the running instance instead of starting another
+    list(backend.run([]))
+    assert ray_local.is_initialized()  # and did not shut down a Ray it does not own
     with pytest.raises(TypeError):
         RayBackend(unknown_option=1)
 

@@ -69,7 +69,7 @@ def test_an_exception_becomes_a_failed_row(monkeypatch):
     def boom(spec, data):
         raise MemoryError("out of memory in a test")
 
-    monkeypatch.setattr(trial, "_keras_fit", boom)
+    monkeypatch.setattr(trial, "fit_keras", boom)
     spec = expand_grid(tiny_grid())[0]
     res = run_group([spec])[0]
     assert res.status == "failed" and res.error == "MemoryError: out of memory in a test"

@@ -1,0 +1,173 @@
+"""Cost per update of each engine, against a single-model NumPy loop (the floor).
+
+Skipped by default (the project runs pytest with --benchmark-skip). Run:
+
+    TF_CPP_MIN_LOG_LEVEL=2 pytest tests/benchmarks --benchmark-only -p no:cacheprovider \\
+        --benchmark-json=/tmp/engines.json
+    python tests/benchmarks/ratios.py /tmp/engines.json
+
+HARNESS_BENCH_QUICK=1 runs a few epochs per case (under a minute); without it each case trains
+long enough for the per-update cost to dominate the fixed costs. Every benchmark records in
+``extra_info`` what one call did (models, epochs, updates, model_updates), so ratios.py can
+turn seconds into microseconds per (model-)update without knowing the cases.
+
+Times are of the whole call: the Keras engine's include building and tracing its model (it
+pays them per trial), so its ``extra_info`` also holds the steady-state cost after epoch 1.
+The fused engine's initial weights are drawn once outside the timing (cached per process, as
+in a Ray worker that runs several groups).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from harness.config import ModelConfig, ProblemConfig, TrainConfig
+from harness.grid import TrialSpec
+from harness.problem import epoch_batches, initial_weights, make_data
+
+QUICK = os.environ.get("HARNESS_BENCH_QUICK") == "1"
+BATCH_SIZES = (1, 32, 500)
+# Epochs per batch size: enough updates to swamp per-call costs in the full mode.
+EPOCHS = {1: 1, 32: 3, 500: 10} if QUICK else {1: 6, 32: 40, 500: 200}
+KERAS_EPOCHS = {1: 2, 32: 3, 500: 10} if QUICK else {1: 3, 32: 20, 500: 100}
+ROUNDS = 1 if QUICK else 3
+N_MODELS = 35  # as many as one batch size of grids/full.yaml: 7 learning rates x 5 seeds
+# Tamer than full.yaml's 1e-4..1e-1: at batch size 1 its steepest rates diverge within a few
+# epochs, and a member that stops early would make the stack look cheaper than it is.
+LEARNING_RATES = (1e-4, 2.15e-4, 4.64e-4, 1e-3, 2.15e-3, 4.64e-3, 1e-2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_ready():
+    make_data(ProblemConfig())  # imports scikit-learn and builds the cached data set, untimed
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    # As in a worker: N cores run N trials, so each measurement gets one thread.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def make_spec(batch_size: int, epochs: int, learning_rate: float = 0.01, seed: int = 0,
+              engine: str = "fused") -> TrialSpec:
+    return TrialSpec(problem=ProblemConfig(), model=ModelConfig(), train=TrainConfig(epochs=epochs, engine=engine),
+                     batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+
+
+def group(batch_size: int, epochs: int) -> list[TrialSpec]:
+    return [make_spec(batch_size, epochs, lr, seed) for lr in LEARNING_RATES for seed in range(5)][:N_MODELS]
+
+
+def train_floor(spec: TrialSpec, weights) -> tuple[np.ndarray, ...]:
+    """The floor: one float32 model, plain 2-D NumPy, forward + backward + momentum SGD and
+    nothing else (no metrics, no test-set pass). Same batches and update rule as the engines."""
+    data = make_data(spec.problem)
+    w1, b1, w2, b2 = (w.copy() for w in weights)
+    params = (w1, b1, w2, b2)
+    velocity = tuple(np.zeros_like(w) for w in params)
+    lr, momentum, n = np.float32(spec.learning_rate), np.float32(spec.train.momentum), spec.problem.n_train
+    for epoch in range(spec.train.epochs):
+        order = np.concatenate(epoch_batches(spec.seed, epoch, n, spec.batch_size))
+        xs, ys = data.x_train[order], data.y_train[order]
+        for start in range(0, n, spec.batch_size):
+            x, y = xs[start:start + spec.batch_size], ys[start:start + spec.batch_size]
+            z1 = x @ w1 + b1
+            a1 = np.maximum(z1, 0.0)
+            logits = a1 @ w2 + b2
+            exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+            dz2 = (exp / exp.sum(axis=1, keepdims=True) - y) * np.float32(1.0 / len(x))
+            dz1 = (dz2 @ w2.T) * (z1 > 0)
+            for w, v, g in zip(params, velocity, (x.T @ dz1, dz1.sum(axis=0), a1.T @ dz2, dz2.sum(axis=0))):
+                v *= momentum
+                v -= g * lr
+                w += v
+    return params
+
+
+def record(benchmark, spec: TrialSpec, models: int, engine: str, **extra) -> None:
+    updates = spec.train.epochs * spec.updates_per_epoch
+    benchmark.extra_info.update(engine=engine, batch_size=spec.batch_size, models=models, epochs=spec.train.epochs,
+                                updates=updates, model_updates=updates * models, **extra)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_floor(benchmark, batch_size):
+    spec = make_spec(batch_size, EPOCHS[batch_size])
+    weights = initial_weights(spec.model, spec.problem, spec.seed)
+    record(benchmark, spec, 1, "floor")
+    benchmark.pedantic(train_floor, args=(spec, weights), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_fused(benchmark, batch_size):
+    from harness.fused import train_fused
+
+    specs = group(batch_size, EPOCHS[batch_size])
+    train_fused([dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=1)) for s in specs])  # draws weights
+    record(benchmark, specs[0], len(specs), "fused")
+    training = benchmark.pedantic(train_fused, args=(specs,), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(len(r) == specs[0].train.epochs for r in training.records)  # nobody diverged
+
+
+def test_fused_epoch_overhead(benchmark):
+    """What the fused engine pays once per epoch whatever the batch size, for 35 models: batch
+    orders and gather, the epoch's loss/accuracy from the stored logits, the test-set pass."""
+    from harness import fused
+
+    specs = group(500, 1)
+    data = make_data(specs[0].problem)
+    theta, shape = fused._stack_initial(specs)
+    hyper = np.zeros((len(specs), 1), np.float32)  # learning rate, momentum: unused here
+    stack = fused._Stack(theta, np.zeros_like(theta), hyper, hyper, shape, "relu")
+    x1_train, x1_test = fused.with_ones(data.x_train), fused.with_ones(data.x_test)
+    n = specs[0].problem.n_train
+    labels = fused.argmax_classes(data.y_train)
+    logits = np.random.default_rng(0).standard_normal((len(specs), n, shape[2])).astype(np.float32)
+
+    def epoch_overhead():
+        orders = {s.seed: np.concatenate(epoch_batches(s.seed, 0, n, 500)) for s in specs}
+        rows = np.stack([orders[s.seed] for s in specs])
+        xs, ys = x1_train[rows], data.y_train[rows]
+        fused._epoch_metrics(logits, ys, labels[rows], 500)
+        return stack.evaluate(x1_test, data.y_test)
+
+    benchmark.extra_info.update(engine="fused", models=len(specs), epochs=1, what="per-epoch fixed work")
+    benchmark.pedantic(epoch_overhead, rounds=5 if QUICK else 50, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_keras(benchmark, batch_size):
+    from harness.trial import run_trial
+
+    spec = make_spec(batch_size, KERAS_EPOCHS[batch_size], engine="keras")
+    run_trial(dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=1)))  # import, first trace
+    results = []
+
+    def trial():
+        results.append(run_trial(spec))
+
+    record(benchmark, spec, 1, "keras")
+    benchmark.pedantic(trial, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(r.status == "ok" for r in results), results[-1].error
+    # Steady state: the epochs after the first (which traces the graph), best round.
+    steady = min((r.epochs[-1].elapsed_s - r.epochs[0].elapsed_s) / (r.epochs_run - 1) for r in results)
+    benchmark.extra_info["steady_s_per_epoch"] = steady
+    benchmark.extra_info["steady_s_per_update"] = steady / spec.updates_per_epoch
+    benchmark.extra_info["fit_s"] = min(r.wall_clock_s for r in results)
+
+
+@pytest.mark.parametrize("batch_size", (1, 7))
+def test_floor_trains_the_same_model(batch_size):
+    """Not a benchmark: the floor must compute what the engines compute, or its times mean nothing."""
+    from harness.fused import train_fused
+
+    spec = make_spec(batch_size, 2)
+    floor = train_floor(spec, initial_weights(spec.model, spec.problem, spec.seed))
+    fused = train_fused([spec]).weights[0]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(floor, fused)) < 1e-6
