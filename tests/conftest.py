@@ -20,6 +20,13 @@ def tiny_grid(epochs: int = 3, **sweep):
     return parse_grid({"name": "tiny", "train": {"epochs": epochs}, "sweep": axes}, "tiny.yaml")
 
 
+def grid_file(folder: Path, name: str, text: str) -> Path:
+    """A grid YAML file written into ``folder``, for tests that run the command line."""
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
 def check_golden(name: str, text: str) -> None:
     """Compare with tests/golden/<name>; HARNESS_UPDATE_GOLDEN=1 rewrites it on purpose."""
     path = GOLDEN / name

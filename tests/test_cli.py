@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, grid_file
 
 TINY = """\
 name: tiny
@@ -35,9 +35,7 @@ def assert_one_line_error(proc, needle):
 
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return grid_file(tmp_path, "tiny", TINY)
 
 
 def test_run_with_ray_then_rerun_runs_nothing(tiny, tmp_path):

@@ -16,7 +16,7 @@ from harness.driver import run_study
 from harness.grid import expand_grid
 from harness.scheduler import RayBackend
 
-from conftest import REPO, tiny_grid
+from conftest import REPO, grid_file, tiny_grid
 from fakes import die_on_seed_one, die_once_then_work
 from test_cli import harness_run
 
@@ -52,9 +52,7 @@ def wait_for_parts(results: Path, n: int, proc: subprocess.Popen, timeout: float
 
 @pytest.fixture
 def six(tmp_path) -> Path:
-    path = tmp_path / "six.yaml"
-    path.write_text(SIX)
-    return path
+    return grid_file(tmp_path, "six", SIX)
 
 
 def test_sigkill_mid_run_then_rerun_finishes_exactly_once(six, tmp_path):

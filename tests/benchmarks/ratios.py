@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"{args.json}: not a readable pytest-benchmark JSON ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
-    if not costs:
-        print(f"{args.json}: no engine benchmarks in it (run tests/benchmarks with --benchmark-only)", file=sys.stderr)
+    if not costs and not others:
+        print(f"{args.json}: no benchmarks in it (run tests/benchmarks with --benchmark-only)", file=sys.stderr)
         return 2
 
     print(f"statistic: {args.stat}; us/model-upd: microseconds per update of one model; us/step: per "
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in others:
         models = f" for {row['models']} models" if "models" in row else ""
         print(f"\n{row['name']}: {row['seconds'] * 1e3:.2f} ms{models} ({row.get('what', '')})")
+        derived = {k: v for k, v in row.items() if k not in ("name", "seconds", "what", "models")
+                   and isinstance(v, (int, float))}
+        for key, value in derived.items():
+            print(f"    {key}: {value:.4g}")
     return 0
 
 
