@@ -80,7 +80,7 @@ def _fail(prog: str, message: str) -> int:
 
 def run_main(argv: list[str] | None = None) -> int:
     from harness import driver, store
-    from harness.scheduler import RayBackend, SerialBackend
+    from harness.scheduler import RayBackend, SerialBackend, worker_env
 
     args = run_parser().parse_args(argv)
     prog = "harness run"
@@ -100,6 +100,11 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.backend == "serial" and args.address:
             raise ConfigError("--address needs the ray backend, not --backend serial")
         if args.backend == "serial":
+            # The trials run in this process: give it what a Ray worker gets (thread budget,
+            # quiet TensorFlow) before TensorFlow is first imported. Set values win.
+            for key, value in worker_env(args.cpus_per_trial).items():
+                if not (args.verbose and key == "TF_CPP_MIN_LOG_LEVEL"):
+                    os.environ.setdefault(key, value)
             backend = SerialBackend()
         else:
             backend = RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial,

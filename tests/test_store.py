@@ -143,3 +143,16 @@ def test_run_metadata_round_trip(tmp_path):
     assert loaded["backend"] == "serial" and loaded["cpu_count"] >= 1
     json.dumps(loaded)
     assert dataclasses.is_dataclass(fake_results()[0])
+
+
+def test_readme_documents_every_column():
+    from conftest import REPO
+    from harness.schema import CONFIG_COLUMNS, EPOCH_COLUMNS, TRIAL_COLUMNS
+
+    readme = (REPO / "README.md").read_text()
+    config = {name for name, _, _ in CONFIG_COLUMNS}
+    documented = [name for name, _, _ in (*TRIAL_COLUMNS, *EPOCH_COLUMNS) if name not in config]
+    missing = [name for name in documented if f"| `{name}` |" not in readme]
+    assert not missing, f"README.md has no table row for columns {missing}"
+    missing_config = [name for name in config if f"{name}:" not in readme]
+    assert not missing_config, f"README.md's grid example lacks {missing_config}"
