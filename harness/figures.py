@@ -84,25 +84,33 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
     expected = expected or {}
     sizes = sorted({*trials["batch_size"], *(b for b, _ in expected)})
     rates = sorted({*trials["learning_rate"], *(lr for _, lr in expected)})
+    # One learning rate: wrap the batch sizes into rows of four, so the classic figure stays
+    # readable on a page instead of one long strip.
+    wrap = 4 if len(rates) == 1 and len(sizes) > 4 else len(sizes)
+    n_rows, n_cols = len(rates) * -(-len(sizes) // wrap), min(wrap, len(sizes))
     with plot_style():
-        fig = new_figure(2.3 * len(sizes) + 0.8, 2.0 * len(rates) + 1.1)
-        axes = fig.subplots(len(rates), len(sizes), sharex=True, sharey=True, squeeze=False)
-        for i, lr in enumerate(reversed(rates)):
-            for j, bs in enumerate(sizes):
-                ax, cell = axes[i][j], _cell(trials, bs, lr)
-                band = _cell(bands, bs, lr)
-                for split, color in TRAIN_TEST.items():
-                    b = band[band["split"] == split]
-                    ax.fill_between(b["epoch"], b["low"], b["high"], color=color, alpha=0.25, linewidth=0)
-                    ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2)
-                for _, bad in _cell(curve, bs, lr).query("status == 'diverged'").groupby("trial_id"):
-                    ax.plot(bad["epoch"], bad["val_accuracy"], color=DIVERGED_COLOR, linewidth=0.7)
-                ax.text(0.97, 0.04, _cell_label(cell, expected.get((int(bs), float(lr)))),
-                        transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
-                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1.0})
-                ax.set_title(f"batch size {bs}" if i == 0 else "", fontsize="medium")
-                ax.set_ylabel(f"lr {lr:g}\naccuracy" if j == 0 else "")
-                ax.set_xlabel("epoch" if i == len(rates) - 1 else "")
+        fig = new_figure(2.3 * n_cols + 0.8, 2.0 * n_rows + 1.1)
+        axes = fig.subplots(n_rows, n_cols, sharex=True, sharey=True, squeeze=False)
+        for ax in axes.flat[len(rates) * len(sizes):]:
+            ax.set_visible(False)
+        for k, (lr, bs) in enumerate((lr, bs) for lr in reversed(rates) for bs in sizes):
+            i, j = divmod(k, n_cols)
+            ax, cell = axes[i][j], _cell(trials, bs, lr)
+            band = _cell(bands, bs, lr)
+            for split, color in TRAIN_TEST.items():
+                b = band[band["split"] == split]
+                ax.fill_between(b["epoch"], b["low"], b["high"], color=color, alpha=0.25, linewidth=0)
+                ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2)
+            for _, bad in _cell(curve, bs, lr).query("status == 'diverged'").groupby("trial_id"):
+                ax.plot(bad["epoch"], bad["val_accuracy"], color=DIVERGED_COLOR, linewidth=0.7)
+            ax.text(0.97, 0.04, _cell_label(cell, expected.get((int(bs), float(lr)))),
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1.0})
+            ax.set_title(f"batch size {bs}" if i == 0 or wrap < len(sizes) else "", fontsize="medium")
+            ax.set_ylabel(f"lr {lr:g}\naccuracy" if j == 0 else "")
+            ax.set_xlabel("epoch" if k + n_cols >= len(rates) * len(sizes) else "")
+            if wrap < len(sizes):  # a wrapped last row may be short: label every panel's epochs
+                ax.xaxis.set_tick_params(labelbottom=True)
         handles = [Line2D([], [], color=c, label=s) for s, c in TRAIN_TEST.items()]
         if (curve["status"] == "diverged").any():
             handles.append(Line2D([], [], color=DIVERGED_COLOR, linewidth=0.7, label="diverged seed (test)"))

@@ -133,7 +133,6 @@ class RayBackend:
     num_cpus: int | None = None  # for the local instance only; None = all cores
     work: Work = run_group
     name: str = "ray"
-    cluster_cpus: float = field(default=0.0, init=False)
     _owns_ray: bool = field(default=False, init=False)  # shut Ray down after run() only if we started it
 
     def connect(self) -> None:
@@ -157,7 +156,6 @@ class RayBackend:
             except Exception as exc:  # noqa: BLE001 - Ray raises several types for one cause
                 raise ClusterError(_join_error(address, exc)) from exc
         self._owns_ray = True
-        self.cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
 
     def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
         import ray
