@@ -89,7 +89,7 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
     wrap = 4 if len(rates) == 1 and len(sizes) > 4 else len(sizes)
     n_rows, n_cols = len(rates) * -(-len(sizes) // wrap), min(wrap, len(sizes))
     with plot_style():
-        fig = new_figure(2.3 * n_cols + 0.8, 2.0 * n_rows + 1.1)
+        fig = new_figure(max(2.3 * n_cols + 0.8, 7.5), 2.0 * n_rows + 1.1)  # room for the legend's note
         axes = fig.subplots(n_rows, n_cols, sharex=True, sharey=True, squeeze=False)
         for ax in axes.flat[len(rates) * len(sizes):]:
             ax.set_visible(False)
@@ -99,7 +99,10 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
             band = _cell(bands, bs, lr)
             for split, color in TRAIN_TEST.items():
                 b = band[band["split"] == split]
-                ax.fill_between(b["epoch"], b["low"], b["high"], color=color, alpha=0.25, linewidth=0)
+                # Accuracy lives in [0, 1]; a t-interval over two or three seeds does not know
+                # that, and unclipped it would squash every curve into a sliver.
+                ax.fill_between(b["epoch"], b["low"].clip(0, 1), b["high"].clip(0, 1), color=color, alpha=0.25,
+                                linewidth=0)
                 ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2)
             for _, bad in _cell(curve, bs, lr).query("status == 'diverged'").groupby("trial_id"):
                 ax.plot(bad["epoch"], bad["val_accuracy"], color=DIVERGED_COLOR, linewidth=0.7)
@@ -115,8 +118,9 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
         if (curve["status"] == "diverged").any():
             handles.append(Line2D([], [], color=DIVERGED_COLOR, linewidth=0.7, label="diverged seed (test)"))
         fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize="small",
-                   title_fontsize="small", title="mean over ok seeds with 95% CI band; train = running "
-                                                 "accuracy over the epoch's batches, test = after the epoch")
+                   title_fontsize="small", title="mean over ok seeds with 95% CI band (clipped to [0, 1])\n"
+                                                 "train = running accuracy over the epoch's batches, "
+                                                 "test = after the epoch")
         add_title(fig, "Learning curves", note)
     return fig
 
