@@ -5,7 +5,6 @@ trains the same model on the same batches and engines can be compared number for
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,10 +51,6 @@ def epoch_batches(seed: int, epoch: int, n_train: int, batch_size: int) -> list[
     """Row indices of each batch of an epoch; the last batch is short when batch_size doesn't divide n_train."""
     order = batch_order(seed, epoch, n_train)
     return [order[i:i + batch_size] for i in range(0, n_train, batch_size)]
-
-
-def updates_per_epoch(n_train: int, batch_size: int) -> int:
-    return math.ceil(n_train / batch_size)
 
 
 def build_model(model: ModelConfig, problem: ProblemConfig, seed: int):

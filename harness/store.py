@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.schema import EPOCH_SCHEMA, FINISHED, SCHEMA_VERSION, TRIAL_SCHEMA
+from harness.schema import EPOCH_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
 from harness.trial import TrialResult
 
 TRIALS, EPOCHS, RUNS, SET_ASIDE = "trials", "epochs", "runs", "set-aside"

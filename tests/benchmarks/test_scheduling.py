@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 from harness.config import ModelConfig, ProblemConfig, TrainConfig
 from harness.grid import TrialSpec
 from harness.scheduler import RayBackend, SerialBackend
