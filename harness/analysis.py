@@ -63,10 +63,8 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
 def mean_ci_frame(grouped) -> pd.DataFrame:
     """``mean_ci`` for every group of a grouped Series at once: columns mean, low, high, n."""
     stats = grouped.agg(["mean", "std", "count"])
-    dof = (stats["count"] - 1).clip(lower=1).to_numpy()
-    from scipy.stats import t
-
-    half = t.ppf(0.975, dof) * stats["std"].to_numpy() / np.sqrt(stats["count"].to_numpy())
+    quantile = np.array([_t_quantile(int(d), 0.95) for d in (stats["count"] - 1).clip(lower=1)])
+    half = quantile * stats["std"].to_numpy() / np.sqrt(stats["count"].to_numpy())
     half = np.where(stats["count"].to_numpy() > 1, half, np.nan)
     return pd.DataFrame({"mean": stats["mean"], "low": stats["mean"] - half, "high": stats["mean"] + half,
                          "n": stats["count"]})

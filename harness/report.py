@@ -31,7 +31,7 @@ from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_
 from harness.grid import expand_grid  # noqa: E402
 from harness.scaling_figures import (plot_best_learning_rate, plot_stability, plot_training_speed,  # noqa: E402
                                      plot_updates_to_target)
-from harness.store import StoreError, is_results_dir, read_epochs, read_runs, read_trials  # noqa: E402
+from harness.store import StoreError, is_results_dir, read_epochs, read_runs, read_trials, write_text_atomic  # noqa: E402
 from harness.report_text import markdown_table, render_report, summary_table  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
@@ -254,17 +254,11 @@ def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
         notes.append(f"the results hold {len(sections)} studies (config beyond batch size, learning rate and seed "
                      f"differs); each has its own figures and table")
     table = pd.concat([s.table for s in sections], ignore_index=True)
-    _write_text(out_dir / "summary.csv", table.to_csv(index=False))
-    _write_text(out_dir / "summary.md", markdown_table(table, target) + "\n")
+    write_text_atomic(out_dir / "summary.csv", table.to_csv(index=False))
+    write_text_atomic(out_dir / "summary.md", markdown_table(table, target) + "\n")
     path = out_dir / "report.md"
-    _write_text(path, render_report(results_dir, trials, runs, target, formats, notes, data_figures, sections))
+    write_text_atomic(path, render_report(results_dir, trials, runs, target, formats, notes, data_figures, sections))
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _Parser(argparse.ArgumentParser):

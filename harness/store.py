@@ -57,6 +57,13 @@ def write_atomic(table: pa.Table, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """The text twin of ``write_atomic``: written beside the target, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _with_version(schema: pa.Schema, run_id: str) -> pa.Schema:
     return schema.with_metadata({_VERSION_KEY: str(SCHEMA_VERSION).encode(), _RUN_KEY: run_id.encode()})
 
@@ -210,9 +217,7 @@ def write_run_metadata(results_dir: Path, meta: dict) -> Path:
     folder = results_dir / RUNS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{meta['run_id']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(meta, indent=2, sort_keys=True, default=str))
     return path
 
 
