@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -105,6 +106,17 @@ def _join_error(address: str, exc: BaseException) -> str:
     return f"cannot join the Ray cluster at {address}: {_last_line(exc)}; check --address and RAY_ADDRESS"
 
 
+# Ray Client starts a fresh server process on the head for every connection, and Ray 2.60's
+# proxy aborts the connection if that process exits while it is being inspected (seen here as
+# "ConnectionAbortedError: psutil.ZombieProcess" on a loaded machine). A new connection gets a
+# new server, so such a refusal is worth two more tries; an auth refusal never is.
+JOIN_ATTEMPTS = 3
+
+
+def _transient_client_failure(address: str, exc: BaseException) -> bool:
+    return address.startswith("ray://") and isinstance(exc, ConnectionAbortedError) and not _auth_refused(exc)
+
+
 def _check_address(address: str) -> None:
     if address.startswith(("http://", "https://")):
         raise ClusterError(
@@ -151,10 +163,14 @@ class RayBackend:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, **kwargs)
         else:
             _check_address(address)
-            try:
-                ray.init(address=address, runtime_env=_code_env(), **kwargs)
-            except Exception as exc:  # noqa: BLE001 - Ray raises several types for one cause
-                raise ClusterError(_join_error(address, exc)) from exc
+            for attempt in range(1, JOIN_ATTEMPTS + 1):
+                try:
+                    ray.init(address=address, runtime_env=_code_env(), **kwargs)
+                    break
+                except Exception as exc:  # noqa: BLE001 - Ray raises several types for one cause
+                    if attempt == JOIN_ATTEMPTS or not _transient_client_failure(address, exc):
+                        raise ClusterError(_join_error(address, exc)) from exc
+                    time.sleep(attempt)
         self._owns_ray = True
 
     def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:

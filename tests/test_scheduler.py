@@ -51,3 +51,41 @@ def test_ray_backend_is_not_started_without_ray_initialised_by_the_test_twice(ra
     with pytest.raises(TypeError):
         RayBackend(unknown_option=1)
 
+
+
+def test_a_ray_client_connection_aborted_at_start_is_tried_again(monkeypatch):
+    import ray
+
+    from harness import scheduler
+
+    calls = []
+
+    def flaky_init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:
+            raise ConnectionAbortedError("psutil.ZombieProcess: PID still exists but it's a zombie")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setattr(scheduler.time, "sleep", lambda s: None)
+    backend = RayBackend(address="ray://127.0.0.1:1")
+    backend.connect()
+    assert calls == ["ray://127.0.0.1:1"] * 2 and backend._owns_ray
+
+
+def test_other_join_failures_are_not_retried(monkeypatch):
+    import ray
+
+    from harness import scheduler
+
+    calls = []
+
+    def refusing_init(**kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionError("no cluster there")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refusing_init)
+    with pytest.raises(scheduler.ClusterError, match="cannot join the Ray cluster at 127.0.0.1:1"):
+        RayBackend(address="127.0.0.1:1").connect()
+    assert calls == ["127.0.0.1:1"]
