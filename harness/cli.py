@@ -1,6 +1,8 @@
-"""Command lines: argument parsing and exit codes only; the work lives in the modules they call.
+"""The command lines (`harness run`, `harness report`): argument parsing and exit codes only;
+the work lives in the modules they call. Both report bad input the same way: one line
+`harness <command>: error: <message>` on stderr and exit code 2, never a traceback.
 
-Exit codes: 0 every trial ok or diverged, 1 some trial failed, 2 bad input, 130 interrupted.
+Exit codes of `run`: 0 every trial ok or diverged, 1 some trial failed, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,9 +18,13 @@ from harness.config import ENGINES, ConfigError, load_grid, with_engine
 from harness.grid import LARGE_GRID_TRIALS, count_trials
 
 
+class UsageError(ValueError):
+    """A command-line argument is unusable; one line for the user."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def error(self, message: str):  # one line and exit 2 through _fail, no usage dump
+        raise UsageError(f"{message} (see --help)")
 
 
 def _positive_int(text: str) -> int:
@@ -82,9 +88,9 @@ def run_main(argv: list[str] | None = None) -> int:
     from harness import driver, store
     from harness.scheduler import RayBackend, SerialBackend, worker_env
 
-    args = run_parser().parse_args(argv)
     prog = "harness run"
     try:
+        args = run_parser().parse_args(argv)
         grid = with_engine(load_grid(args.grid), args.engine)
         n = count_trials(grid)
         if n > LARGE_GRID_TRIALS and not args.yes:
@@ -131,7 +137,9 @@ def run_main(argv: list[str] | None = None) -> int:
                                                # the grid itself travels with its results, so a
                                                # report can tell what is still missing from anywhere
                                                "grid_yaml": Path(args.grid).read_text(encoding="utf-8")})
-    except (ConfigError, store.StoreError) as exc:
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, ConfigError, store.StoreError) as exc:
         return _fail(prog, str(exc))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted before any trial ran; nothing was written", file=sys.stderr)
@@ -140,14 +148,54 @@ def run_main(argv: list[str] | None = None) -> int:
     return summary.exit_code
 
 
+def _formats(text: str) -> list[str]:
+    from harness.reporter import FORMATS
+
+    formats = [f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UsageError(f"--format: unknown format {', '.join(bad) or repr(text)}; "
+                         f"valid formats: {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="harness report", description="Figures and a summary table for a batch-size study.")
+    p.add_argument("results_dir", type=Path, help="results folder written by 'harness run'")
+    p.add_argument("--out", type=Path, help="output folder (default: RESULTS_DIR/report/)")
+    p.add_argument("--target-accuracy", type=float, default=0.8, metavar="ACC",
+                   help="test accuracy the 'to target' clocks measure (default 0.8)")
+    p.add_argument("--format", default="png", help="comma-separated, of png, pdf, svg (default png)")
+    return p
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """`harness report`: 0, or 2 with one line on stderr for unusable input."""
+    from harness.reporter import ReportError, write_report
+    from harness.store import StoreError
+
+    prog = "harness report"
+    try:
+        args = report_parser().parse_args(argv)
+        formats = _formats(args.format)
+        if not 0.0 < args.target_accuracy <= 1.0:
+            raise UsageError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy:g}")
+        path = write_report(args.results_dir, args.out or args.results_dir / "report", args.target_accuracy,
+                            formats)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, ReportError, StoreError) as exc:
+        return _fail(prog, str(exc))
+    except OSError as exc:  # e.g. an --out folder we may not write to
+        return _fail(prog, f"{exc.filename or ''}: {exc.strerror or exc}")
+    print(f"{prog}: wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`harness run ...` or `harness report ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "report"):
         print("usage: harness {run,report} ... (see harness run --help, harness report --help)", file=sys.stderr)
         return 2
-    if argv[0] == "run":
-        return run_main(argv[1:])
-    from harness.report import report_main
-
-    return report_main(argv[1:])
+    return (run_main if argv[0] == "run" else report_main)(argv[1:])

@@ -9,31 +9,10 @@ from pathlib import Path
 
 from harness import store
 from harness.config import GridConfig
-from harness.grid import TrialSpec, expand_grid, group_specs
+from harness.plan import Plan, plan_run
 from harness.scheduler import Backend
 from harness.schema import new_run_id, run_metadata, utc_now
-
-
-@dataclass(frozen=True)
-class Plan:
-    specs: tuple[TrialSpec, ...]      # the whole grid
-    todo: tuple[TrialSpec, ...]       # what this run will train
-    done: dict[str, str]              # trial_id -> status already on disk for this grid
-    retry: frozenset[str]             # failed trials that --retry-failed will run again
-
-    @property
-    def kept_failed(self) -> int:
-        return sum(1 for s in self.specs if self.done.get(s.trial_id) == "failed") - len(self.retry)
-
-
-def plan_run(grid: GridConfig, on_disk: dict[str, str], retry_failed: bool) -> Plan:
-    """Which trials still need to run: finished ones (ok/diverged) never, failed ones on request."""
-    specs = expand_grid(grid)
-    failed = {s.trial_id for s in specs if on_disk.get(s.trial_id) == "failed"}
-    retry = failed if retry_failed else set()
-    todo = tuple(s for s in specs if s.trial_id not in on_disk or s.trial_id in retry)
-    done = {s.trial_id: on_disk[s.trial_id] for s in specs if s.trial_id in on_disk}
-    return Plan(specs=specs, todo=todo, done=done, retry=frozenset(retry))
+from harness.work import group_specs
 
 
 @dataclass

@@ -74,3 +74,15 @@ def initial_weights(model: ModelConfig, problem: ProblemConfig, seed: int) -> tu
     weights = tuple(np.asarray(w, dtype=np.float32) for w in build_model(model, problem, seed).get_weights())
     keras.backend.clear_session()
     return weights
+
+
+def pin_threads(n: int) -> None:
+    """Keep TensorFlow to ``n`` threads so N cores run N trials without oversubscription."""
+    import tensorflow as tf
+
+    for setter in (tf.config.threading.set_intra_op_parallelism_threads,
+                   tf.config.threading.set_inter_op_parallelism_threads):
+        try:
+            setter(n)
+        except RuntimeError:
+            pass  # already set in this process (e.g. a reused Ray worker): the first call holds

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 from harness.config import ConfigError
+from harness.engines import run_group
 from harness.grid import TrialSpec
-from harness.trial import TrialResult, failed_result, run_group
+from harness.results import TrialResult, failed_result
 
 Group = Sequence[TrialSpec]
 Work = Callable[[Group], list[TrialResult]]  # what runs one group; run_group unless a test swaps it
@@ -62,7 +63,7 @@ class SerialBackend:
 def _ray_group(work: Work, group: Group) -> list[TrialResult]:
     import ray
 
-    from harness.trial import with_node
+    from harness.results import with_node
 
     return with_node(work(group), ray.get_runtime_context().get_node_id())
 

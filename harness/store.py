@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.schema import EPOCH_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
-from harness.trial import TrialResult
+from harness.results import TrialResult
 
 TRIALS, EPOCHS, RUNS, SET_ASIDE = "trials", "epochs", "runs", "set-aside"
 _VERSION_KEY = b"harness.schema_version"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from harness.schema import utc_now
-from harness.trial import EpochRecord, TrialResult, failed_result
+from harness.results import EpochRecord, TrialResult, failed_result
 
 
 def instant_work(group):

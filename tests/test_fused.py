@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from harness.config import ModelConfig, ProblemConfig, TrainConfig
-from harness.fused import run_fused_group, train_fused
-from harness.grid import TrialSpec, group_specs
+from harness.engines import fused
+from harness.engines.fused import train_fused
+from harness.grid import TrialSpec
+from harness.work import group_specs
 from harness.problem import make_data
 
 LOSS_ATOL = 1e-5
@@ -42,10 +44,11 @@ def as_keras(spec: TrialSpec) -> TrialSpec:
 @lru_cache(maxsize=None)
 def keras_reference(spec: TrialSpec):
     """Final weights, epoch records and final (loss, accuracy) per split from the Keras engine's
-    own fit (``harness.trial.fit_keras``), which ``run_trial`` does not hand back."""
+    own fit (``harness.engines.keras.fit_keras``), which ``run_trial`` does not hand back."""
     import keras
 
-    from harness.trial import fit_keras, pin_threads
+    from harness.engines.keras import fit_keras
+    from harness.problem import pin_threads
 
     pin_threads(1)
     keras.backend.clear_session()
@@ -90,7 +93,7 @@ def test_fused_matches_keras(spec, weight_atol):
     assert [w.shape for w in weights] == [w.shape for w in keras_weights]
     assert max_weight_diff(weights, keras_weights) < weight_atol
     assert_records_close(records, keras_records)
-    result = run_fused_group([spec])[0]
+    result = fused.run_group([spec])[0]
     for split, (loss, accuracy) in keras_final.items():
         assert getattr(result, f"{split}_loss") == pytest.approx(loss, abs=LOSS_ATOL)
         assert getattr(result, f"{split}_accuracy") == pytest.approx(accuracy, abs=ACCURACY_ATOL)
@@ -106,11 +109,11 @@ def test_fused_trained_at_all():
 
 
 def test_result_fields_match_keras_engine():
-    from harness.trial import run_trial
+    from harness.engines.keras import run_trial
 
     spec = make_spec(500, 4)
     keras_result = run_trial(as_keras(spec))
-    (result,) = run_fused_group([spec])
+    (result,) = fused.run_group([spec])
     assert keras_result.status == "ok", keras_result.error
     for name in ("status", "error", "epochs_run", "updates", "examples_seen", "group_size", "node_id", "hostname"):
         assert getattr(result, name) == getattr(keras_result, name), name
@@ -141,7 +144,7 @@ def test_group_members_equal_solo_runs():
 
 def test_group_results_carry_group_timing():
     specs = [make_spec(50, 3, learning_rate=lr) for lr in (0.01, 0.02, 0.04)]
-    results = run_fused_group(specs)
+    results = fused.run_group(specs)
     assert [r.spec for r in results] == specs
     for r in results:
         assert r.status == "ok" and r.group_size == 3
@@ -156,8 +159,8 @@ def test_group_results_carry_group_timing():
 def test_diverging_member_stops_without_disturbing_neighbours():
     calm = [make_spec(7, 4, learning_rate=0.01, seed=0), make_spec(7, 4, learning_rate=0.05, seed=1)]
     wild = make_spec(7, 4, learning_rate=1e3, seed=0)
-    results = run_fused_group([calm[0], wild, calm[1]])
-    baseline = run_fused_group(calm)
+    results = fused.run_group([calm[0], wild, calm[1]])
+    baseline = fused.run_group(calm)
 
     bad = results[1]
     assert bad.status == "diverged" and bad.error and "epoch 1" in bad.error
@@ -173,18 +176,18 @@ def test_diverging_member_stops_without_disturbing_neighbours():
 
 
 def test_diverging_member_matches_keras_divergence():
-    from harness.trial import run_trial
+    from harness.engines.keras import run_trial
 
     spec = make_spec(7, 3, learning_rate=1e3)
     keras_result = run_trial(as_keras(spec))
-    (result,) = run_fused_group([spec])
+    (result,) = fused.run_group([spec])
     assert (result.status, result.epochs_run, result.error) == \
            (keras_result.status, keras_result.epochs_run, keras_result.error)
 
 
 def test_group_stops_when_all_members_diverge():
     specs = [make_spec(7, 200, learning_rate=1e3, seed=s) for s in (0, 1)]
-    results = run_fused_group(specs)
+    results = fused.run_group(specs)
     assert [r.status for r in results] == ["diverged", "diverged"]
     assert [r.epochs_run for r in results] == [1, 1]
     # 200 epochs would take far longer than the one that ran
@@ -202,7 +205,7 @@ def test_loss_is_computed_from_logits_like_keras():
     (here about 80 against 8.6), and the fused engine must report what Keras reports."""
     import keras
 
-    from harness.fused import evaluate_stacked
+    from harness.engines.fused import evaluate_stacked
     from harness.problem import build_model
 
     spec = make_spec(7, 1)

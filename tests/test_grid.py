@@ -1,7 +1,8 @@
 import dataclasses
 
 from harness.config import parse_grid
-from harness.grid import expand_grid, group_specs
+from harness.grid import expand_grid
+from harness.work import group_specs
 
 from conftest import check_golden, tiny_grid
 

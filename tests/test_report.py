@@ -18,7 +18,7 @@ from harness import analysis
 from harness.config import ModelConfig, ProblemConfig, TrainConfig
 from harness.grid import TrialSpec
 from harness.store import read_epochs, read_trials, write_results, write_run_metadata
-from harness.trial import EpochRecord, TrialResult
+from harness.results import EpochRecord, TrialResult
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -311,7 +311,7 @@ def test_partial_mixed_results_are_labelled_split_and_warned(tmp_path):
     """Two runs of one grid, half done: keras on one machine, fused groups on another, two momenta."""
     import hashlib
 
-    from harness.report import report_main
+    from harness.cli import report_main
 
     grid = tmp_path / "messy.yaml"
     grid.write_text(MESSY_GRID)
@@ -355,7 +355,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, study):
-    from harness.report import report_main
+    from harness.cli import report_main
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -384,7 +384,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.report", str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"harness report: {tmp_path}: not a results folder (no trials/ or "
+    assert proc.stderr.strip().splitlines() == [f"harness report: error: {tmp_path}: not a results folder (no trials/ or "
                                                 f"runs/ inside); pass the folder that was given to 'harness run "
                                                 f"--results'"]
 
@@ -404,7 +404,7 @@ sweep:
 def test_end_to_end_run_then_report(tmp_path, capsys):
     """The real pipeline: harness.run trains a tiny grid (fused engine: seconds, not minutes), then
     the report command reads what it wrote and writes every figure in both formats."""
-    from harness.report import report_main
+    from harness.cli import report_main
 
     grid = tmp_path / "tiny.yaml"
     grid.write_text(TINY_GRID)

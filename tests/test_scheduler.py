@@ -1,7 +1,8 @@
 """The Ray backend, on a real in-process Ray, against the serial backend."""
 import pytest
 
-from harness.grid import expand_grid, group_specs
+from harness.grid import expand_grid
+from harness.work import group_specs
 from harness.scheduler import RayBackend, SerialBackend
 
 from conftest import tiny_grid

@@ -10,7 +10,7 @@ import pytest
 from harness import store
 from harness.grid import expand_grid
 from harness.schema import EPOCH_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
-from harness.trial import EpochRecord, TrialResult, failed_result
+from harness.results import EpochRecord, TrialResult, failed_result
 
 from conftest import check_golden, tiny_grid
 

@@ -4,7 +4,9 @@ import pytest
 
 from harness.grid import expand_grid
 from harness.schema import EPOCH_SCHEMA, RESULT_COLUMNS, TRIAL_SCHEMA
-from harness.trial import EpochRecord, TrialResult, run_group, run_trial
+from harness.engines import run_group
+from harness.engines.keras import run_trial
+from harness.results import EpochRecord, TrialResult
 
 from conftest import tiny_grid
 
@@ -64,7 +66,7 @@ def test_huge_learning_rate_diverges_early():
 
 
 def test_an_exception_becomes_a_failed_row(monkeypatch):
-    import harness.trial as trial
+    import harness.engines.keras as trial
 
     def boom(spec, data):
         raise MemoryError("out of memory in a test")
@@ -82,7 +84,7 @@ def plain_fit_history(spec):
     import keras
 
     from harness.problem import build_model, make_data
-    from harness.trial import compile_model, epoch_dataset
+    from harness.engines.keras import compile_model, epoch_dataset
 
     data = make_data(spec.problem)
     keras.backend.clear_session()

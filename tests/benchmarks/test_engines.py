@@ -106,7 +106,7 @@ def test_floor(benchmark, batch_size):
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_fused(benchmark, batch_size):
-    from harness.fused import train_fused
+    from harness.engines.fused import train_fused
 
     specs = group(batch_size, EPOCHS[batch_size])
     train_fused([dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=1)) for s in specs])  # draws weights
@@ -118,7 +118,7 @@ def test_fused(benchmark, batch_size):
 def test_fused_epoch_overhead(benchmark):
     """What the fused engine pays once per epoch whatever the batch size, for 35 models: batch
     orders and gather, the epoch's loss/accuracy from the stored logits, the test-set pass."""
-    from harness import fused
+    from harness.engines import fused
 
     specs = group(500, 1)
     data = make_data(specs[0].problem)
@@ -144,7 +144,7 @@ def test_fused_epoch_overhead(benchmark):
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_keras(benchmark, batch_size):
-    from harness.trial import run_trial
+    from harness.engines.keras import run_trial
 
     spec = make_spec(batch_size, KERAS_EPOCHS[batch_size], engine="keras")
     run_trial(dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=1)))  # import, first trace
@@ -166,7 +166,7 @@ def test_keras(benchmark, batch_size):
 @pytest.mark.parametrize("batch_size", (1, 7))
 def test_floor_trains_the_same_model(batch_size):
     """Not a benchmark: the floor must compute what the engines compute, or its times mean nothing."""
-    from harness.fused import train_fused
+    from harness.engines.fused import train_fused
 
     spec = make_spec(batch_size, 2)
     floor = train_floor(spec, initial_weights(spec.model, spec.problem, spec.seed))

@@ -13,7 +13,8 @@ import time
 from harness.config import ModelConfig, ProblemConfig, TrainConfig
 from harness.grid import TrialSpec
 from harness.scheduler import RayBackend, SerialBackend
-from harness.trial import run_group, run_trial
+from harness.engines import run_group
+from harness.engines.keras import run_trial
 
 from fakes import instant_work
 

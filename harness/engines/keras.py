@@ -1,4 +1,4 @@
-"""One trial with the reference engine (Keras 3 ``fit``): data → model → fit → evaluate → result.
+"""The reference engine: one trial with Keras 3 ``fit``: data → model → fit → evaluate → result.
 
 A trial never raises: an exception becomes a ``failed`` result and a NaN/inf loss stops the
 trial early as ``diverged``, so one bad cell cannot take a study down.
@@ -7,92 +7,16 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
-import traceback
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+
 from typing import Sequence
 
 import numpy as np
 
 from harness.grid import TrialSpec
-from harness.problem import Data, build_model, epoch_batches, make_data
+from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
+from harness.results import EpochRecord, TrialResult, failed_result, summarize_epochs
 from harness.schema import utc_now
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    epoch: int  # 1-based
-    loss: float
-    accuracy: float
-    val_loss: float
-    val_accuracy: float
-    elapsed_s: float
-    updates: int
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    spec: TrialSpec
-    status: str
-    error: str | None = None
-    train_accuracy: float = math.nan
-    test_accuracy: float = math.nan
-    train_loss: float = math.nan
-    test_loss: float = math.nan
-    epochs_run: int = 0
-    updates: int = 0
-    examples_seen: int = 0
-    wall_clock_s: float = math.nan
-    first_epoch_s: float = math.nan
-    group_size: int = 1
-    group_wall_clock_s: float = math.nan
-    engine_version: str = ""
-    node_id: str = "local"
-    hostname: str = field(default_factory=socket.gethostname)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    epochs: tuple[EpochRecord, ...] = ()
-
-    @property
-    def trial_id(self) -> str:
-        return self.spec.trial_id
-
-
-def failed_result(spec: TrialSpec, exc: BaseException | str, started_at: datetime | None = None,
-                  **fields_) -> TrialResult:
-    """A ``failed`` row carrying the error; used by engines and by schedulers for lost workers."""
-    error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".strip()
-    return TrialResult(spec=spec, status="failed", error=error[:2000], started_at=started_at or utc_now(),
-                       finished_at=utc_now(), **fields_)
-
-
-def pin_threads(n: int) -> None:
-    """Keep TensorFlow to ``n`` threads so N cores run N trials without oversubscription."""
-    import tensorflow as tf
-
-    for setter in (tf.config.threading.set_intra_op_parallelism_threads,
-                   tf.config.threading.set_inter_op_parallelism_threads):
-        try:
-            setter(n)
-        except RuntimeError:
-            pass  # already set in this process (e.g. a reused Ray worker): the first call holds
-
-
-def summarize_epochs(spec: TrialSpec, records: Sequence[EpochRecord]) -> dict:
-    """Per-trial fields derived from the per-epoch records, the same way for every engine."""
-    epochs_run = len(records)
-    last = records[-1] if records else None
-    diverged = last is not None and not all(math.isfinite(v) for v in (last.loss, last.val_loss))
-    return {
-        "status": "diverged" if diverged else "ok",
-        "error": f"loss became non-finite in epoch {last.epoch}" if diverged else None,
-        "epochs_run": epochs_run,
-        "updates": epochs_run * spec.updates_per_epoch,
-        "examples_seen": epochs_run * spec.problem.n_train,
-        "first_epoch_s": records[0].elapsed_s if records else math.nan,
-    }
 
 
 def epoch_arrays(data: Data, spec: TrialSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -192,17 +116,5 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 
 
 def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
-    """Run one unit of work from ``grid.group_specs``: a fused group or a single Keras trial."""
-    if specs and specs[0].train.engine == "fused":
-        from harness.fused import run_fused_group
-
-        try:
-            return run_fused_group(specs)
-        except Exception as exc:  # noqa: BLE001
-            detail = f"{type(exc).__name__}: {exc} ({traceback.extract_tb(exc.__traceback__)[-1].name})"
-            return [failed_result(s, detail) for s in specs]
+    """Keras trials are isolated measurements: one after another, each timed alone."""
     return [run_trial(spec) for spec in specs]
-
-
-def with_node(results: Sequence[TrialResult], node_id: str) -> list[TrialResult]:
-    return [replace(r, node_id=node_id) for r in results]

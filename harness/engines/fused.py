@@ -1,6 +1,6 @@
 """The fused engine: every model of a group trained as one stacked float32 NumPy computation.
 
-A group (``grid.group_specs``) shares data, network shape, epochs and batch size; each member
+A group (``work.group_specs``) shares data, network shape, epochs and batch size; each member
 keeps its own learning rate, momentum, initial weights and batch order. Weights carry a leading
 model axis (W1 [M,F,H], b1 [M,H], W2 [M,H,C], b2 [M,C]), so one step of the whole group is a
 handful of batched matmuls and elementwise ops, whatever M is.
@@ -24,10 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from harness.config import ModelConfig, ProblemConfig
-from harness.grid import TrialSpec, group_key
-from harness.problem import epoch_batches, initial_weights, make_data
+from harness.grid import TrialSpec
+from harness.problem import epoch_batches, initial_weights, make_data, pin_threads
+from harness.results import EpochRecord, TrialResult, summarize_epochs
 from harness.schema import utc_now
-from harness.trial import EpochRecord, TrialResult, pin_threads, summarize_epochs
+from harness.work import group_key
 
 Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W1, b1, W2, b2)
 
@@ -258,7 +259,7 @@ def _check_group(specs: Sequence[TrialSpec]) -> None:
     keys = {group_key(s) for s in specs}
     if len(keys) != 1:
         raise ValueError("fused engine: a group must share problem, model, epochs and batch size "
-                         "(build groups with harness.grid.group_specs)")
+                         "(build groups with harness.work.group_specs)")
 
 
 def _epoch_rows(seeds: Sequence[int], epoch: int, n_train: int, batch_size: int) -> np.ndarray:
@@ -269,7 +270,7 @@ def _epoch_rows(seeds: Sequence[int], epoch: int, n_train: int, batch_size: int)
 
 def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
     """Train every spec of one group together; members that diverge stop, the rest go on.
-    The caller pins BLAS threads (run_fused_group does)."""
+    The caller pins BLAS threads (run_group does)."""
     specs = tuple(specs)
     _check_group(specs)
     first = specs[0]
@@ -317,7 +318,7 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
                          wall_clock_s=wall)
 
 
-def run_fused_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
+def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
     """Train one fused group and return a result per spec, in order (as the Keras engine fills them)."""
     from threadpoolctl import threadpool_limits
 

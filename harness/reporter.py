@@ -1,0 +1,239 @@
+"""The report: a results folder (finished or still running, one grid or several) in, the figures
+and the summary table of a batch-size study out, with a report.md that shows them all.
+
+The figures are pure functions (harness.figures, harness.scaling_figures); this module decides
+which to draw and writes them (``save_figures``) and the table. The command line that calls it
+(`python -m harness.report`) is harness.cli.report_main.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from harness import analysis
+from harness.config import ConfigError
+from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_curves, problem_of
+from harness.plan import planned_specs
+from harness.scaling_figures import (plot_best_learning_rate, plot_stability, plot_training_speed,
+                                     plot_updates_to_target)
+from harness.store import StoreError, is_results_dir, read_epochs, read_runs, read_trials, write_text_atomic
+from harness.report_text import markdown_table, render_report, summary_table
+
+FORMATS = ("png", "pdf", "svg")
+
+
+class ReportError(ValueError):
+    """Bad input for the report; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study's frames and what the figures need to know about it."""
+
+    label: str  # '' when the results hold one study
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    target: float
+    done: analysis.Completeness
+
+    @property
+    def sizes(self) -> int:
+        return self.trials["batch_size"].nunique()
+
+    @property
+    def rates(self) -> int:
+        return self.trials["learning_rate"].nunique()
+
+    def planned(self, axis: int) -> str:
+        """' so far (N planned)' when the plan has more batch sizes (0) or rates (1) than the disk."""
+        n = len({cell[axis] for cell in self.done.expected})
+        return f" so far ({n} planned)" if n > (self.sizes, self.rates)[axis] else ""
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    name: str
+    title: str
+    draw: Callable[[Study], Figure]
+    skip: Callable[[Study], str]  # why this study cannot have the figure, '' when it can
+
+
+def _needs(sizes: int = 1, rates: int = 1, cells: int = 1, ok: bool = True) -> Callable[[Study], str]:
+    def why(s: Study) -> str:
+        if ok and not (s.trials["status"] == "ok").any():
+            counts = s.trials["status"].value_counts()
+            return (f"needs a trial that finished ok; these results have none "
+                    f"({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)")
+        if s.sizes < sizes:
+            return f"needs at least {sizes} batch sizes; these results have {s.sizes}{s.planned(0)}"
+        if s.rates < rates:
+            return f"needs at least {rates} learning rates; these results have {s.rates}{s.planned(1)}"
+        if s.sizes * s.rates < cells:
+            return "needs more than one batch size or learning rate; these results have one cell"
+        return ""
+    return why
+
+
+FIGURES = (
+    FigureSpec("learning_curves", "Learning curves", lambda s: plot_learning_curves(
+        s.trials, s.epochs, s.done.note, s.done.expected), _needs(ok=False)),
+    FigureSpec("accuracy_heatmap", "Final test accuracy over batch size and learning rate",
+               lambda s: plot_accuracy_heatmap(s.trials, s.done.note, s.done.expected), _needs(cells=2, ok=False)),
+    FigureSpec("training_speed", "Training speed", lambda s: plot_training_speed(
+        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2)),
+    FigureSpec("updates_to_target", "Updates (and epochs, seconds) to target", lambda s: plot_updates_to_target(
+        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2)),
+    FigureSpec("best_learning_rate", "Best learning rate by batch size", lambda s: plot_best_learning_rate(
+        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2, rates=2)),
+    FigureSpec("stability", "Stability across seeds", lambda s: plot_stability(
+        s.trials, s.epochs, s.done.note), _needs(sizes=2)),
+)
+
+
+@dataclass
+class Section:
+    label: str
+    figures: dict[str, str] = field(default_factory=dict)  # file stem -> title
+    skipped: dict[str, str] = field(default_factory=dict)  # title -> reason
+    table: pd.DataFrame | None = None
+    note: str = ""
+
+
+def save_figures(figures: Mapping[str, Figure], out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """The one place figures become files: ``out_dir/<name>.<format>``, each written beside its
+    target and renamed into place, so a reader never sees half an image."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures.items():
+        for fmt in formats:
+            path = out_dir / f"{name}.{fmt}"
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fig.savefig(tmp, format=fmt, dpi=150 if fmt == "png" else None)
+            os.replace(tmp, path)
+            written.append(path)
+    return written
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in ".=-" else "_" for c in label)
+
+
+def planned_trials(results_dir: Path, runs: list[dict]) -> tuple[pd.DataFrame | None, str]:
+    """Every trial the runs' grids plan, as config columns, rebuilt by the driver's own planning
+    code; (None, why) when a run's grid is unknown (then the plan is inferred from the disk)."""
+    # grid_path is as the run was given it, relative to where it was started: try here, beside
+    # the results (results/<name>/ sits in the project), and the project this harness is in.
+    roots = (Path.cwd(), results_dir.parent, results_dir.parent.parent, Path(__file__).resolve().parents[1])
+    frames = []
+    for run in runs:
+        try:
+            specs = planned_specs(run, roots)
+        except ConfigError as exc:
+            return None, str(exc)
+        frames.append(pd.DataFrame([{"trial_id": s.trial_id, **s.config_values()} for s in specs]))
+    if not frames:
+        return None, "no run metadata"
+    return pd.concat(frames).drop_duplicates("trial_id"), ""
+
+
+def _plan_of(planned: pd.DataFrame | None, trials: pd.DataFrame) -> pd.DataFrame | None:
+    """The planned trials of the study ``trials`` belongs to (same config beyond the axes)."""
+    if planned is None:
+        return None
+    for col in (c for c in analysis.CONFIG_NAMES if c not in analysis.STUDY_AXES):
+        planned = planned[planned[col].isin(trials[col].unique())]
+    return planned
+
+
+def mixing_warnings(trials: pd.DataFrame, runs: list[dict]) -> list[str]:
+    """What a reader must know before comparing numbers: engines, machines, amortized timings."""
+    notes = []
+    engines = Counter(trials["engine"])
+    if len(engines) > 1:
+        notes.append("rows come from several engines (" + ", ".join(f"{e}: {n}" for e, n in sorted(engines.items()))
+                     + "); accuracies are pooled (the engines train the same model on the same batches), "
+                       "timings are drawn apart")
+    # A trial was timed where it ran (its hostname; a Ray cluster spreads one run over nodes);
+    # the run's host (runs/<run_id>.json) stands in for rows that do not say.
+    host_of = {r.get("run_id"): r.get("host") for r in runs}
+    hosts = Counter(h or host_of.get(rid) or "unknown" for rid, h in zip(trials["run_id"], trials["hostname"]))
+    if len(hosts) > 1:
+        notes.append("rows come from several machines (" + ", ".join(f"{h}: {n}" for h, n in sorted(hosts.items()))
+                     + "); wall-clock times are comparable only within one machine")
+    drivers = sorted({str(r.get("host")) for r in runs if r.get("run_id") in set(trials["run_id"])})
+    if len(drivers) > 1:
+        notes.append(f"the runs were started on several machines ({', '.join(drivers)})")
+    amortized = int((trials["group_size"] > 1).sum())
+    if amortized:
+        notes.append(f"{amortized} of {len(trials)} trials were trained in fused groups: their wall_clock_s is the "
+                     f"group's time divided by the group size (amortized), not an isolated measurement")
+    return notes
+
+
+def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float,
+                   planned: pd.DataFrame | None) -> Iterator[tuple[Section, dict[str, Figure]]]:
+    """Per study: its section of the report and the figures it can have (the ones it cannot are
+    noted in the section). One study at a time, so a big report never holds every figure."""
+    reference = analysis.load_reference()
+    for label, part in analysis.split_studies(trials):
+        part_epochs = epochs[epochs["trial_id"].isin(part["trial_id"])]
+        study = Study(label, part, part_epochs, target, analysis.completeness(part, _plan_of(planned, part)))
+        section, figures = Section(label, note=study.done.note), {}
+        suffix = f"-{_slug(label)}" if label else ""
+        for spec in FIGURES:
+            reason = spec.skip(study)
+            if reason:
+                section.skipped[spec.title] = reason
+            else:
+                section.figures[spec.name + suffix] = spec.title
+                figures[spec.name + suffix] = spec.draw(study)
+        cells = analysis.summarize_cells(analysis.enrich(part, part_epochs, target), reference)
+        section.table = summary_table(cells, label)
+        yield section, figures
+
+
+def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
+                 formats: Sequence[str] = ("png",)) -> Path:
+    """Read ``results_dir``, write every figure, summary.csv, summary.md and report.md to
+    ``out_dir``; return the report.md path. ReportError/StoreError for unusable input."""
+    if not results_dir.is_dir():
+        raise ReportError(f"{results_dir}: no such folder")
+    if not is_results_dir(results_dir):
+        raise ReportError(f"{results_dir}: not a results folder (no trials/ or runs/ inside); "
+                          f"pass the folder that was given to 'harness run --results'")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = read_runs(results_dir)
+    trials, epochs = read_trials(results_dir), read_epochs(results_dir)
+    if trials.empty:
+        raise ReportError(f"{results_dir}: no finished trials yet ({len(runs)} run(s) started); "
+                          f"report again once a trial has finished")
+    planned, plan_note = planned_trials(results_dir, runs)
+    notes = [str(w.message) for w in caught] + mixing_warnings(trials, runs)
+    if plan_note:
+        notes.append(f"planned grid unknown ({plan_note}): completeness is judged from the cells on disk")
+    problems: dict = {}  # one data-set figure per distinct problem, not per study
+    for _, part in analysis.split_studies(trials):
+        problems.setdefault(problem_of(part), part)
+    data_figures = [("data_set" if i == 0 else f"data_set-{i + 1}") for i in range(len(problems))]
+    save_figures({name: plot_data_set(part) for name, part in zip(data_figures, problems.values())}, out_dir, formats)
+    sections = []
+    for section, figures in build_sections(trials, epochs, target, planned):
+        save_figures(figures, out_dir, formats)
+        sections.append(section)
+    if len(sections) > 1:
+        notes.append(f"the results hold {len(sections)} studies (config beyond batch size, learning rate and seed "
+                     f"differs); each has its own figures and table")
+    table = pd.concat([s.table for s in sections], ignore_index=True)
+    write_text_atomic(out_dir / "summary.csv", table.to_csv(index=False))
+    write_text_atomic(out_dir / "summary.md", markdown_table(table, target) + "\n")
+    path = out_dir / "report.md"
+    write_text_atomic(path, render_report(results_dir, trials, runs, target, formats, notes, data_figures, sections))
+    return path
