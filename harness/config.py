@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +26,15 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITIALIZERS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal")
 OPTIMIZERS = ("sgd",)
 ENGINES = ("keras", "fused")
+EVAL_SCHEDULES = ("epoch", "geometric")
+
+# Settings added after the first results were written. At its default such a setting is left
+# out of the trial id, so results written before it existed keep their ids and still resume.
+ID_NEUTRAL = {"id_neutral": True}
+
+
+def neutral(default: Any) -> Any:
+    return field(default=default, metadata=ID_NEUTRAL)
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,8 @@ class ProblemConfig:
     n_features: int = 2
     cluster_std: float = 2.0
     random_state: int = 2
-    n_train: int = 500  # the first n_train rows train, the rest test
+    n_train: int = 500  # the first n_train rows train,
+    n_val: int = neutral(0)  # the next n_val validate (choose settings on), the rest test
 
 
 @dataclass(frozen=True)
@@ -54,17 +64,28 @@ class TrainConfig:
     momentum: float = 0.9
     epochs: int = 200
     engine: str = "keras"
+    eval_schedule: str = neutral("epoch")  # epoch ends only, or also geometric points (harness.clock)
+    eval_points_per_octave: int = neutral(4)
+    # A trial whose training loss exceeds this factor of its initial loss at an evaluation point
+    # has blown up: it is `diverged`, even if the loss stays finite.
+    divergence_factor: float = neutral(10.0)
 
 
-def _kind(field: dataclasses.Field) -> type:
+def _kind(f: dataclasses.Field) -> type:
     # Annotations are strings under `from __future__ import annotations`; ours are plain scalars.
-    return {"int": int, "float": float, "str": str}[field.type]
+    return {"int": int, "float": float, "str": str}[f.type]
+
+
+def identity(section: Any) -> dict[str, Any]:
+    """A config section as its trial id sees it: every value, but id-neutral ones at their default."""
+    return {f.name: getattr(section, f.name) for f in fields(section)
+            if not (f.metadata.get("id_neutral") and getattr(section, f.name) == f.default)}
 
 
 # Axes every sweep must list: they are what a batch-size study is about.
 REQUIRED_AXES = ("batch_size", "learning_rate", "seed")
 SECTIONS: dict[str, type] = {"problem": ProblemConfig, "model": ModelConfig, "train": TrainConfig}
-TOP_LEVEL_KEYS = ("name", *SECTIONS, "sweep")
+TOP_LEVEL_KEYS = ("name", *SECTIONS, "sweep", "timing_probe")
 AXIS_TYPES: dict[str, type] = {"batch_size": int, "learning_rate": float, "seed": int}
 # Any scalar of model/train may be swept as well as the three axes.
 SWEEPABLE: dict[str, tuple[str | None, type]] = {
@@ -73,7 +94,7 @@ SWEEPABLE: dict[str, tuple[str | None, type]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "activation": ACTIVATIONS, "kernel_initializer": INITIALIZERS,
-    "optimizer": OPTIMIZERS, "engine": ENGINES,
+    "optimizer": OPTIMIZERS, "engine": ENGINES, "eval_schedule": EVAL_SCHEDULES,
 }
 
 
@@ -86,6 +107,9 @@ class GridConfig:
     # Each block is a tuple of (axis, values) pairs sorted by axis; the trials are the union of
     # the Cartesian products of the blocks.
     sweep: tuple[tuple[tuple[str, tuple[Any, ...]], ...], ...]
+    # Measure, per batch size, the steady seconds per update of one Keras model alone on one
+    # thread (harness.probe): the clock that seconds-to-target figures are drawn on.
+    timing_probe: bool = False
     path: str = ""
     sha256: str = ""
 
@@ -133,12 +157,17 @@ def _check_range(where: str, key: str, value: Any) -> None:
                 "n_features", "cluster_std"}
     if key in positive and value <= 0:
         raise ConfigError(f"{where}: '{key}' must be positive, got {value!r}")
-    if key in ("seed", "random_state") and value < 0:
+    if key in ("seed", "random_state", "n_val") and value < 0:
         raise ConfigError(f"{where}: '{key}' must be zero or more, got {value!r}")
     if key == "momentum" and not 0.0 <= value < 1.0:
         raise ConfigError(f"{where}: 'momentum' must be in [0, 1), got {value!r}")
     if key == "centers" and value < 2:
         raise ConfigError(f"{where}: 'centers' must be at least 2, got {value!r}")
+    if key == "eval_points_per_octave" and not 1 <= value <= 64:
+        raise ConfigError(f"{where}: 'eval_points_per_octave' must be in 1..64, got {value!r}")
+    if key == "divergence_factor" and not value > 1.0:
+        raise ConfigError(f"{where}: 'divergence_factor' must be above 1 (a multiple of the initial loss), "
+                          f"got {value!r}")
 
 
 def _section(where: str, raw: Any, cls: type, name: str) -> Any:
@@ -190,9 +219,13 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
     problem = _section(where, raw.get("problem"), ProblemConfig, "problem")
     model = _section(where, raw.get("model"), ModelConfig, "model")
     train = _section(where, raw.get("train"), TrainConfig, "train")
-    if problem.n_train >= problem.n_samples:
-        raise ConfigError(f"{where}: 'problem.n_train' ({problem.n_train}) must be below "
+    if problem.n_train + problem.n_val >= problem.n_samples:
+        split = "'problem.n_train' + 'problem.n_val'" if problem.n_val else "'problem.n_train'"
+        raise ConfigError(f"{where}: {split} ({problem.n_train + problem.n_val}) must be below "
                           f"'problem.n_samples' ({problem.n_samples}) to leave a test set")
+    probe = raw.get("timing_probe", False)
+    if not isinstance(probe, bool):
+        raise ConfigError(f"{where}: 'timing_probe' must be true or false, got {probe!r}")
     if "sweep" not in raw:
         raise ConfigError(f"{where}: missing key 'sweep' (it must list {', '.join(REQUIRED_AXES)})")
     sweep_raw = raw["sweep"]
@@ -207,7 +240,8 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
             if axis == "batch_size" and max(values) > problem.n_train:
                 raise ConfigError(f"{where}: 'sweep.batch_size' value {max(values)} is above "
                                   f"'problem.n_train' ({problem.n_train})")
-    return GridConfig(name=name, problem=problem, model=model, train=train, sweep=blocks, path=where)
+    return GridConfig(name=name, problem=problem, model=model, train=train, sweep=blocks, timing_probe=probe,
+                      path=where)
 
 
 def load_grid(path: str | Path) -> GridConfig:

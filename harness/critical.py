@@ -155,7 +155,9 @@ def fit_frontier(batch_sizes, steps) -> Frontier:
     """Fit S = S_min(1 + B_crit/B) by least squares in log S (scipy ``least_squares`` on
     log S_min, log B_crit, started from a linear fit of S against 1/B). Only finite, positive
     steps count; fewer than 3 such batch sizes raise ValueError. B_crit may land outside the
-    batch sizes tried: it is reported as fitted and ``Frontier.extrapolated`` says so."""
+    batch sizes tried: it is reported as fitted and ``Frontier.extrapolated`` says so. When the
+    steps still fall as 1/B across the grid only E_min is pinned down (B_crit runs off to huge
+    values, S_min to tiny ones); when they do not fall at all only S_min is (B_crit -> 0)."""
     batch, steps = np.asarray(batch_sizes, dtype=float), np.asarray(steps, dtype=float)
     if batch.shape != steps.shape:
         raise ValueError(f"batch_sizes and steps differ in length ({batch.size} vs {steps.size})")
@@ -212,7 +214,7 @@ def _median_reached(values: np.ndarray) -> float:
     # The hardest level whose median steps over these seeds is finite: steps' median is finite
     # once floor(n/2) + 1 seeds reach (with an even count both middle seeds must), so it is the
     # (floor(n/2) + 1)-th best value, not the plain median.
-    return float(np.median(values))
+    return float(np.sort(values)[::-1][len(values) // 2])
 
 
 def default_targets(trials: pd.DataFrame, points: pd.DataFrame, metric: str, higher_is_better: bool,

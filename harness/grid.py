@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable
 
-from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig
+from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig, identity
 
 # Beyond this many trials a run needs --yes: a typo like an extra zero in a seed list should
 # not silently book the machine for a week. grids/full.yaml has 350.
@@ -31,7 +31,10 @@ class TrialSpec:
     @cached_property
     def trial_id(self) -> str:
         # sort_keys + float repr: the same config always gives the same id, and 1e-5 != 4e-5.
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        canonical = {"problem": identity(self.problem), "model": identity(self.model),
+                     "train": identity(self.train), "batch_size": self.batch_size,
+                     "learning_rate": self.learning_rate, "seed": self.seed}
+        blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def config_values(self) -> dict[str, Any]:

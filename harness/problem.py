@@ -15,12 +15,21 @@ from harness.config import ModelConfig, ProblemConfig
 
 @dataclass(frozen=True)
 class Data:
-    """float32 features and one-hot float32 labels, split as the reference study splits them."""
+    """float32 features and one-hot float32 labels, split as the reference study splits them:
+    the first n_train rows train, the next n_val validate (empty when n_val is 0), the rest test."""
 
     x_train: np.ndarray
     y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+    def splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(x, y) of each split that has rows, by name: train, val, test."""
+        named = {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val),
+                 "test": (self.x_test, self.y_test)}
+        return {name: xy for name, xy in named.items() if len(xy[0])}
 
     @property
     def n_classes(self) -> int:
@@ -38,8 +47,8 @@ def make_data(problem: ProblemConfig) -> Data:
     onehot = np.eye(problem.centers, dtype=np.float32)[y]
     for array in (x, onehot):
         array.setflags(write=False)  # cached and shared between trials: nobody may edit it
-    n = problem.n_train
-    return Data(x_train=x[:n], y_train=onehot[:n], x_test=x[n:], y_test=onehot[n:])
+    n, v = problem.n_train, problem.n_train + problem.n_val
+    return Data(x_train=x[:n], y_train=onehot[:n], x_val=x[n:v], y_val=onehot[n:v], x_test=x[v:], y_test=onehot[v:])
 
 
 def batch_order(seed: int, epoch: int, n_train: int) -> np.ndarray:

@@ -28,14 +28,50 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
+class PointRecord:
+    """The model after ``updates`` optimizer steps, scored on whole splits (harness.clock)."""
+
+    updates: int
+    examples_seen: int
+    elapsed_s: float
+    train_loss: float  # on all training rows, after the update (not a running mean)
+    train_accuracy: float
+    val_loss: float  # NaN without a validation split
+    val_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    grad_sq: float  # |G|^2, G the mean gradient over the training rows (harness.noise)
+    trace_sigma: float  # tr(Sigma), Sigma the covariance of the per-example gradients
+    b_simple: float  # tr(Sigma) / |G|^2, the simple gradient noise scale
+
+
+def make_point(updates: int, examples_seen: int, elapsed_s: float, scores: dict[str, tuple[float, float]],
+               grad_sq: float, trace_sigma: float) -> PointRecord:
+    """A point from (loss, accuracy) per split name (train, val, test; a missing split is NaN)
+    and the gradient noise statistics; both engines build their points here."""
+    nan = (math.nan, math.nan)
+    (train_loss, train_accuracy), (val_loss, val_accuracy), (test_loss, test_accuracy) = (
+        tuple(float(v) for v in scores.get(split, nan)) for split in ("train", "val", "test"))
+    grad_sq, trace_sigma = float(grad_sq), float(trace_sigma)
+    return PointRecord(updates=int(updates), examples_seen=int(examples_seen), elapsed_s=float(elapsed_s),
+                       train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
+                       val_accuracy=val_accuracy, test_loss=test_loss, test_accuracy=test_accuracy,
+                       grad_sq=grad_sq, trace_sigma=trace_sigma,
+                       b_simple=trace_sigma / grad_sq if grad_sq > 0 else math.inf)
+
+
+@dataclass(frozen=True)
 class TrialResult:
     spec: TrialSpec
     status: str
     error: str | None = None
+    diverged_at_update: int | None = None
     train_accuracy: float = math.nan
     test_accuracy: float = math.nan
     train_loss: float = math.nan
     test_loss: float = math.nan
+    val_accuracy: float = math.nan
+    val_loss: float = math.nan
     epochs_run: int = 0
     updates: int = 0
     examples_seen: int = 0
@@ -49,6 +85,7 @@ class TrialResult:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     epochs: tuple[EpochRecord, ...] = ()
+    points: tuple[PointRecord, ...] = ()
 
     @property
     def trial_id(self) -> str:
@@ -63,14 +100,56 @@ def failed_result(spec: TrialSpec, exc: BaseException | str, started_at: datetim
                        finished_at=utc_now(), **fields_)
 
 
-def summarize_epochs(spec: TrialSpec, records: Sequence[EpochRecord]) -> dict:
-    """Per-trial fields derived from the per-epoch records, the same way for every engine."""
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def blow_up(spec: TrialSpec, points: Sequence[PointRecord], records: Sequence[EpochRecord]) -> int | None:
+    """The first update at which the trial has blown up, or None: a non-finite loss, or a
+    training loss above ``divergence_factor`` times the initial one (point 0), on all training
+    rows at an evaluation point or as an epoch's running mean (which sees the loss between
+    points; it counts at the epoch's end). A finite blow-up counts as much as a NaN: such a run
+    ends as a collapsed model, not a trained one."""
+    limit = spec.train.divergence_factor * points[0].train_loss if points else math.inf
+    bad = [p.updates for p in points if not _finite(p.train_loss, p.test_loss) or p.train_loss > limit]
+    bad += [r.updates for r in records if not _finite(r.loss, r.val_loss) or r.loss > limit]
+    return min(bad, default=None)
+
+
+def stops_at(spec: TrialSpec, update: int | None) -> int:
+    """Epochs a trial runs: a blown-up trial stops at the end of the epoch it blew up in (both
+    engines do, so the epochs table keeps whole epochs)."""
+    if update is None:
+        return spec.train.epochs
+    return max(1, math.ceil(update / spec.updates_per_epoch))
+
+
+def summarize(spec: TrialSpec, records: Sequence[EpochRecord], points: Sequence[PointRecord]) -> dict:
+    """Per-trial fields derived from the epoch and point records, the same way for every engine:
+    status and blow-up, counts, and (for a trial that finished ok) the final scores, which are
+    its last point's (the model after its last update, scored on whole splits)."""
     epochs_run = len(records)
-    last = records[-1] if records else None
-    diverged = last is not None and not all(math.isfinite(v) for v in (last.loss, last.val_loss))
+    at = blow_up(spec, points, records)
+    error = None
+    if at is not None:
+        epoch = stops_at(spec, at)
+        last = epoch * spec.updates_per_epoch
+        if not all(_finite(r.loss, r.val_loss) for r in records if r.updates <= last) or \
+                not all(_finite(p.train_loss, p.test_loss) for p in points if p.updates <= last):
+            error = f"loss became non-finite in epoch {epoch} (first seen at update {at})"
+        else:
+            error = (f"training loss exceeded {spec.train.divergence_factor:g}x its initial "
+                     f"{points[0].train_loss:.3g} at update {at} (epoch {epoch})")
+    final = {}
+    if at is None and points:
+        last = points[-1]
+        final = {f"{split}_{name}": getattr(last, f"{split}_{name}")
+                 for split in ("train", "val", "test") for name in ("loss", "accuracy")}
     return {
-        "status": "diverged" if diverged else "ok",
-        "error": f"loss became non-finite in epoch {last.epoch}" if diverged else None,
+        **final,
+        "status": "ok" if at is None else "diverged",
+        "error": error,
+        "diverged_at_update": at,
         "epochs_run": epochs_run,
         "updates": epochs_run * spec.updates_per_epoch,
         "examples_seen": epochs_run * spec.problem.n_train,

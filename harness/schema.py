@@ -22,7 +22,11 @@ import pyarrow as pa
 
 from harness.config import SECTIONS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 files lack what version 2 added (the settings marked id-neutral in harness.config,
+# the validation and blow-up columns); they are read with those filled in (store.read_table):
+# a version 1 trial ran with each added setting at its default, and had no validation split.
+READABLE_VERSIONS = (1, 2)
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 
@@ -39,11 +43,15 @@ CONFIG_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = tuple(
 # (name, type, meaning with unit) for every per-trial column that is not a config value.
 RESULT_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("status", pa.string(), "ok | diverged (loss became NaN/inf, stopped early) | failed (exception)"),
-    ("error", pa.string(), "exception type and message for failed trials, the divergence epoch for diverged ones"),
+    ("error", pa.string(), "exception type and message for failed trials, what blew up and when for diverged ones"),
+    ("diverged_at_update", pa.int64(), "first evaluation point (update count) at which the loss was non-finite or "
+                                       "above divergence_factor x its initial value; null unless diverged"),
     ("train_accuracy", pa.float64(), "final accuracy on the training rows (evaluated after training); NaN unless ok"),
     ("test_accuracy", pa.float64(), "final accuracy on the test rows; NaN unless ok"),
     ("train_loss", pa.float64(), "final cross-entropy on the training rows; NaN unless ok"),
     ("test_loss", pa.float64(), "final cross-entropy on the test rows; NaN unless ok"),
+    ("val_accuracy", pa.float64(), "final accuracy on the validation rows; NaN unless ok and n_val > 0"),
+    ("val_loss", pa.float64(), "final cross-entropy on the validation rows; NaN unless ok and n_val > 0"),
     ("epochs_run", pa.int64(), "epochs actually trained (fewer than epochs when diverged)"),
     ("updates", pa.int64(), "optimizer steps taken: epochs_run x ceil(n_train / batch_size)"),
     ("examples_seen", pa.int64(), "training examples processed: epochs_run x n_train"),
@@ -76,12 +84,53 @@ EPOCH_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
 )
 
 
+POINT_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("trial_id", pa.string(), "the trial this point belongs to"),
+    ("updates", pa.int64(), "optimizer steps taken (0 = the untrained model); the update clock"),
+    ("examples_seen", pa.int64(), "training examples processed so far"),
+    ("elapsed_s", pa.float64(), "seconds since the trial's training started (a fused group's time)"),
+    ("train_loss", pa.float64(), "cross-entropy on all training rows at this point"),
+    ("train_accuracy", pa.float64(), "accuracy on all training rows at this point"),
+    ("val_loss", pa.float64(), "cross-entropy on the validation rows (NaN without n_val)"),
+    ("val_accuracy", pa.float64(), "accuracy on the validation rows (NaN without n_val)"),
+    ("test_loss", pa.float64(), "cross-entropy on the test rows"),
+    ("test_accuracy", pa.float64(), "accuracy on the test rows"),
+    ("grad_sq", pa.float64(), "|G|^2: squared norm of the mean gradient over the training rows"),
+    ("trace_sigma", pa.float64(), "tr(Sigma): total variance of the per-example gradients (exact, n-1)"),
+    ("b_simple", pa.float64(), "simple gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. 2018)"),
+)
+
+PROBE_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("probe_id", pa.string(), "hash of what was timed (problem, model, optimizer, batch size)"),
+    ("run_id", pa.string(), "the run that measured it"),
+    ("batch_size", pa.int64(), "examples per update"),
+    ("seconds_per_update", pa.float64(), "median over repeats of the steady seconds per update of one Keras "
+                                         "model alone on one thread (after warm-up)"),
+    ("seconds_per_update_min", pa.float64(), "fastest repeat"),
+    ("seconds_per_update_max", pa.float64(), "slowest repeat"),
+    ("repeats", pa.int64(), "timed repeats"),
+    ("updates_per_repeat", pa.int64(), "updates in each timed repeat"),
+    ("engine_version", pa.string(), "what was timed"),
+    ("hostname", pa.string(), "host it was measured on"),
+    ("measured_at", pa.timestamp("us", tz="UTC"), "UTC time of the measurement"),
+)
+
+
+def v1_defaults() -> dict[str, Any]:
+    """What a version 1 trials file lacks, as the values its trials ran with."""
+    added = {f.name: f.default for cls in SECTIONS.values() for f in dataclasses.fields(cls)
+             if f.metadata.get("id_neutral")}
+    return {**added, "diverged_at_update": None, "val_accuracy": float("nan"), "val_loss": float("nan")}
+
+
 def _schema(columns: tuple[tuple[str, pa.DataType, str], ...]) -> pa.Schema:
     return pa.schema([pa.field(name, kind, metadata={"description": doc}) for name, kind, doc in columns])
 
 
 TRIAL_SCHEMA = _schema(TRIAL_COLUMNS)
 EPOCH_SCHEMA = _schema(EPOCH_COLUMNS)
+POINT_SCHEMA = _schema(POINT_COLUMNS)
+PROBE_SCHEMA = _schema(PROBE_COLUMNS)
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")  # what a rerun skips; failed trials run again only with --retry-failed
 

@@ -4,11 +4,14 @@ Layout of a results folder::
 
     trials/part-<run_id>-<seq>.parquet   one row per trial   (pd.read_parquet(DIR / "trials"))
     epochs/part-<run_id>-<seq>.parquet   one row per epoch   (pd.read_parquet(DIR / "epochs"))
+    points/part-<run_id>-<seq>.parquet   one row per evaluation point of the update clock
+    probes/part-<run_id>-<seq>.parquet   timing probes: seconds per update by batch size
     runs/<run_id>.json                   versions, host, git commit, grid hash of each run
     set-aside/                           files the harness could not read, moved out of the way
 
-A flush writes the epochs part first and the trials part last, so a trial row on disk means
-its epochs are on disk too; an epochs part without its trials part is an interrupted flush.
+A flush writes the points and epochs parts first and the trials part last, so a trial row on
+disk means its curves are on disk too; a curve part without its trials part is an interrupted
+flush.
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.schema import EPOCH_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA
 from harness.results import TrialResult
+from harness.schema import (EPOCH_SCHEMA, POINT_SCHEMA, PROBE_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION,
+                            TRIAL_SCHEMA, v1_defaults)
 
-TRIALS, EPOCHS, RUNS, SET_ASIDE = "trials", "epochs", "runs", "set-aside"
+TRIALS, EPOCHS, POINTS, PROBES, RUNS, SET_ASIDE = "trials", "epochs", "points", "probes", "runs", "set-aside"
+CURVES = (POINTS, EPOCHS)  # per-trial tables written before (and only with) their trials part
 _VERSION_KEY = b"harness.schema_version"
 _RUN_KEY = b"harness.run_id"
-_SCHEMAS = {TRIALS: TRIAL_SCHEMA, EPOCHS: EPOCH_SCHEMA}
+_SCHEMAS = {TRIALS: TRIAL_SCHEMA, EPOCHS: EPOCH_SCHEMA, POINTS: POINT_SCHEMA, PROBES: PROBE_SCHEMA}
 
 
 class StoreError(RuntimeError):
@@ -72,28 +77,45 @@ def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
     """Rows built by walking the schema's column list, so the two cannot drift apart."""
     rows = []
     for result in results:
-        # TrialResult.epochs holds the per-epoch records; the 'epochs' column is the config value.
-        values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("spec", "epochs")}
+        # TrialResult.epochs and .points hold the curves; the 'epochs' column is the config value.
+        values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("spec", "epochs", "points")}
         values.update(result.spec.config_values(), trial_id=result.trial_id, run_id=run_id)
         rows.append({name: values[name] for name in TRIAL_SCHEMA.names})
     return pa.Table.from_pylist(rows, schema=_with_version(TRIAL_SCHEMA, run_id))
 
 
+def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Table:
+    """The epochs or points of ``results`` (TrialResult.epochs / .points), one row per record."""
+    schema = _SCHEMAS[kind]
+    rows = [{"trial_id": r.trial_id, **dataclasses.asdict(e)} for r in results for e in getattr(r, kind)]
+    rows = [{name: row[name] for name in schema.names} for row in rows]
+    return pa.Table.from_pylist(rows, schema=_with_version(schema, run_id))
+
+
 def epochs_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
-    rows = [{"trial_id": r.trial_id, **dataclasses.asdict(e)} for r in results for e in r.epochs]
-    rows = [{name: row[name] for name in EPOCH_SCHEMA.names} for row in rows]
-    return pa.Table.from_pylist(rows, schema=_with_version(EPOCH_SCHEMA, run_id))
+    return curve_table(results, run_id, EPOCHS)
 
 
 def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:
-    """Flush finished trials: epochs part, then trials part (the commit point)."""
+    """Flush finished trials: points and epochs parts, then the trials part (the commit point)."""
     if not results:
         return
     name = f"part-{run_id}-{seq:06d}.parquet"
-    for kind in (EPOCHS, TRIALS):
+    for kind in (*CURVES, TRIALS):
         (results_dir / kind).mkdir(parents=True, exist_ok=True)
-    write_atomic(epochs_table(results, run_id), results_dir / EPOCHS / name)
+    for kind in CURVES:
+        write_atomic(curve_table(results, run_id, kind), results_dir / kind / name)
     write_atomic(trials_table(results, run_id), results_dir / TRIALS / name)
+
+
+def write_probes(results_dir: Path, rows: Sequence[dict], run_id: str) -> None:
+    """Timing probes (harness.probe) as one part of their own."""
+    if not rows:
+        return
+    (results_dir / PROBES).mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{**row, "run_id": run_id} for row in rows],
+                                 schema=_with_version(PROBE_SCHEMA, run_id))
+    write_atomic(table, results_dir / PROBES / f"part-{run_id}.parquet")
 
 
 def _parts(results_dir: Path, kind: str) -> list[Path]:
@@ -114,13 +136,26 @@ def check_part(path: Path, kind: str) -> None:
     if _VERSION_KEY not in meta:
         raise StoreError(f"{path}: not written by the harness (no schema version); move it out of {path.parent}")
     version = meta[_VERSION_KEY].decode()
-    if version != str(SCHEMA_VERSION):
+    if version not in {str(v) for v in READABLE_VERSIONS}:
         raise SchemaVersionError(
-            f"{path}: results schema version {version}, this harness reads version {SCHEMA_VERSION}; "
-            f"use the harness version that wrote it, or start anew with --fresh (the old folder is kept)")
-    missing = [n for n in _SCHEMAS[kind].names if n not in schema.names]
+            f"{path}: results schema version {version}, this harness reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the harness version that wrote it, or start anew "
+            f"with --fresh (the old folder is kept)")
+    added = v1_defaults() if version == "1" and kind == TRIALS else {}
+    missing = [n for n in _SCHEMAS[kind].names if n not in schema.names and n not in added]
     if missing:
         raise StoreError(f"{path}: missing columns {', '.join(missing)}; not a harness {kind} file")
+
+
+def _upgrade(table: pa.Table, kind: str) -> pa.Table:
+    """A version 1 trials part with the columns version 2 added, at the values it ran with."""
+    if kind != TRIALS:
+        return table
+    for name, value in v1_defaults().items():
+        if name not in table.column_names:
+            kind_ = TRIAL_SCHEMA.field(name).type
+            table = table.append_column(name, pa.array([value] * table.num_rows, type=kind_))
+    return table
 
 
 def set_aside(results_dir: Path, path: Path, reason: str) -> Path:
@@ -144,7 +179,9 @@ def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = Non
     for path in _parts(results_dir, kind):
         try:
             check_part(path, kind)
-            tables.append(pq.read_table(path, columns=list(columns) if columns else None))
+            present = pq.read_schema(path).names
+            wanted = [c for c in columns if c in present] if columns else None
+            tables.append(_upgrade(pq.read_table(path, columns=wanted), kind))
         except StoreError as exc:
             if on_bad == "raise" or isinstance(exc, SchemaVersionError):
                 raise
@@ -170,11 +207,20 @@ def read_epochs(results_dir: Path | str):
     return read_table(Path(results_dir), EPOCHS).to_pandas()
 
 
+def read_points(results_dir: Path | str):
+    """The update clock's points (empty for results written before it existed)."""
+    return read_table(Path(results_dir), POINTS).to_pandas()
+
+
+def read_probes(results_dir: Path | str):
+    return read_table(Path(results_dir), PROBES).to_pandas()
+
+
 def drop_orphan_epochs(results_dir: Path) -> list[Path]:
-    """Remove epochs parts whose trials part never landed (a flush cut short by a kill):
-    their trials have no row, so they will run again and write their epochs anew."""
+    """Remove epochs and points parts whose trials part never landed (a flush cut short by a
+    kill): their trials have no row, so they will run again and write their curves anew."""
     committed = {p.name for p in _parts(results_dir, TRIALS)}
-    orphans = [p for p in _parts(results_dir, EPOCHS) if p.name not in committed]
+    orphans = [p for kind in CURVES for p in _parts(results_dir, kind) if p.name not in committed]
     for path in orphans:
         path.unlink()
     return orphans
@@ -193,7 +239,7 @@ def remove_trials(results_dir: Path, trial_ids: set[str]) -> int:
 
     removed = 0
     ids = pa.array(sorted(trial_ids), type=pa.string())
-    for kind in (TRIALS, EPOCHS):
+    for kind in (TRIALS, *CURVES):
         for path in _parts(results_dir, kind):
             table = pq.read_table(path)
             hit = pc.is_in(table.column("trial_id"), value_set=ids)

@@ -28,10 +28,14 @@ def grid_file(folder: Path, name: str, text: str) -> Path:
 
 
 def check_golden(name: str, text: str) -> None:
-    """Compare with tests/golden/<name>; HARNESS_UPDATE_GOLDEN=1 rewrites it on purpose."""
+    """Compare with tests/golden/<name>; HARNESS_UPDATE_GOLDEN=1 writes it on purpose. A missing
+    golden is a failure, never a new golden: a test that writes its own answer cannot fail."""
     path = GOLDEN / name
-    if os.environ.get("HARNESS_UPDATE_GOLDEN") == "1" or not path.exists():
+    if os.environ.get("HARNESS_UPDATE_GOLDEN") == "1":
         path.write_text(text)
+    if not path.exists():
+        pytest.fail(f"tests/golden/{name} is missing; rerun with HARNESS_UPDATE_GOLDEN=1 to write it "
+                    f"on purpose, read it, and commit it")
     expected = path.read_text()
     if text != expected:
         diff = [f"line {i + 1}: expected {a!r}, got {b!r}" for i, (a, b) in

@@ -252,6 +252,14 @@ def test_default_targets_is_empty_when_no_target_is_reachable():
     assert default_targets(all_diverged, points, "val_accuracy", True) == []
 
 
+def test_default_targets_never_round_down_to_the_untrained_level():
+    # Hard end 0.98 × 0.3413 -> 0.334, a hair above chance (1/3): the evenly spaced targets
+    # below it round down to 0.333, which the untrained model already meets, so only 0.334 stays.
+    trials = make_trials([8, 32, 128], [0.1], range(3))
+    points = make_points(trials, final=lambda r: 0.3413, tau=lambda r: 1.0)
+    assert default_targets(trials, points, "val_accuracy", True) == [0.334]
+
+
 # --- noise scale, stability, regions -----------------------------------------------------------
 
 def test_sgd_noise_scale_is_lr_n_over_b_one_minus_m():

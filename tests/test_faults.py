@@ -146,7 +146,7 @@ def test_older_schema_version_is_refused_in_one_line(six, tmp_path):
     before = part.read_bytes()
     proc = harness_run(six, "--results", results, "--backend", "serial", "--quiet")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "results schema version 0, this harness reads version 1" in proc.stderr
+    assert "results schema version 0, this harness reads versions 1, 2" in proc.stderr
     assert part.read_bytes() == before
     with pytest.raises(store.StoreError, match="schema version 0"):
         store.read_trials(results)

@@ -53,7 +53,7 @@ def keras_reference(spec: TrialSpec):
     pin_threads(1)
     keras.backend.clear_session()
     data = make_data(spec.problem)
-    model, records, _ = fit_keras(as_keras(spec), data)
+    model, records, _, _ = fit_keras(as_keras(spec), data)
     final = {}
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         scores = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)

@@ -32,9 +32,11 @@ def fake_results(seeds=(0, 1), status="ok"):
 
 
 def test_schema_golden():
-    text = "".join(f"{f.name}: {f.type}\n" for f in TRIAL_SCHEMA) + "--\n" + \
-        "".join(f"{f.name}: {f.type}\n" for f in EPOCH_SCHEMA) + f"-- version {SCHEMA_VERSION}\n"
-    check_golden("schema.txt", text)
+    from harness.schema import POINT_SCHEMA, PROBE_SCHEMA
+
+    text = "--\n".join("".join(f"{f.name}: {f.type}\n" for f in schema)
+                       for schema in (TRIAL_SCHEMA, EPOCH_SCHEMA, POINT_SCHEMA, PROBE_SCHEMA))
+    check_golden("schema.txt", text + f"-- version {SCHEMA_VERSION}\n")
 
 
 def test_round_trip_readable_with_plain_pandas(tmp_path):
@@ -104,7 +106,25 @@ def test_other_schema_version_is_refused_in_one_line(tmp_path):
     pq.write_table(table.replace_schema_metadata({b"harness.schema_version": b"0"}), path)
     with pytest.raises(store.StoreError) as info:
         store.read_trials(tmp_path)
-    assert "schema version 0, this harness reads version 1" in str(info.value) and "\n" not in str(info.value)
+    assert "schema version 0, this harness reads versions 1, 2" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_version_1_trials_are_read_with_the_settings_they_ran_with(tmp_path):
+    """A folder written before schema version 2 still reads and resumes: its rows get the added
+    settings at their defaults (what they ran with) and keep their trial ids."""
+    from harness.schema import v1_defaults
+
+    results = fake_results()
+    store.write_results(tmp_path, results, "r", 0)
+    path = tmp_path / "trials" / "part-r-000000.parquet"
+    table = pq.read_table(path)
+    old = table.drop_columns(list(v1_defaults())).replace_schema_metadata({b"harness.schema_version": b"1"})
+    pq.write_table(old, path)
+    trials = store.read_trials(tmp_path)
+    assert list(trials.columns) == TRIAL_SCHEMA.names
+    assert (trials["n_val"] == 0).all() and (trials["eval_schedule"] == "epoch").all()
+    assert (trials["divergence_factor"] == 10.0).all() and trials["val_accuracy"].isna().all()
+    assert sorted(store.finished_trials(tmp_path)) == sorted(r.trial_id for r in results)
 
 
 def test_remove_trials_keeps_removed_rows_aside(tmp_path):
@@ -151,7 +171,10 @@ def test_readme_documents_every_column():
 
     readme = (REPO / "README.md").read_text()
     config = {name for name, _, _ in CONFIG_COLUMNS}
-    documented = [name for name, _, _ in (*TRIAL_COLUMNS, *EPOCH_COLUMNS) if name not in config]
+    from harness.schema import POINT_COLUMNS, PROBE_COLUMNS
+
+    documented = [name for name, _, _ in (*TRIAL_COLUMNS, *EPOCH_COLUMNS, *POINT_COLUMNS, *PROBE_COLUMNS)
+                  if name not in config]
     missing = [name for name in documented if f"| `{name}` |" not in readme]
     assert not missing, f"README.md has no table row for columns {missing}"
     missing_config = [name for name in config if f"{name}:" not in readme]

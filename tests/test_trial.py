@@ -18,7 +18,7 @@ def result() -> TrialResult:
 
 
 def test_schema_and_dataclasses_agree():
-    result_fields = [f for f in TrialResult.__dataclass_fields__ if f not in ("spec", "epochs")]
+    result_fields = [f for f in TrialResult.__dataclass_fields__ if f not in ("spec", "epochs", "points")]
     assert result_fields == [name for name, _, _ in RESULT_COLUMNS]
     assert list(EpochRecord.__dataclass_fields__) == EPOCH_SCHEMA.names[1:]
     assert len(set(TRIAL_SCHEMA.names)) == len(TRIAL_SCHEMA.names)

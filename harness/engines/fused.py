@@ -23,10 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
+from harness.clock import eval_points, examples_at
 from harness.config import ModelConfig, ProblemConfig
+from harness.gradnoise import gradient_noise
 from harness.grid import TrialSpec
 from harness.problem import epoch_batches, initial_weights, make_data, pin_threads
-from harness.results import EpochRecord, TrialResult, summarize_epochs
+from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize
 from harness.schema import utc_now
 from harness.work import group_key
 
@@ -40,6 +42,7 @@ class FusedTraining:
     specs: tuple[TrialSpec, ...]
     weights: tuple[Weights, ...]  # final weights; a diverged member's are those it stopped with
     records: tuple[tuple[EpochRecord, ...], ...]
+    points: tuple[tuple[PointRecord, ...], ...]
     wall_clock_s: float  # the group's training seconds (all epochs with their test-set passes)
 
 
@@ -268,8 +271,30 @@ def _epoch_rows(seeds: Sequence[int], epoch: int, n_train: int, batch_size: int)
     return np.stack([orders[seed] for seed in seeds])
 
 
+class _Clock:
+    """Scores every active member at the update clock's points (harness.clock): one batched
+    forward pass per split for the whole stack, and the gradient noise over the training rows."""
+
+    def __init__(self, spec: TrialSpec, data, size: int):
+        self.spec, self.data, self.at = spec, data, set(eval_points(spec).tolist())
+        self.x1 = {name: (with_ones(x), y) for name, (x, y) in data.splits().items()}
+        self.points: list[list[PointRecord]] = [[] for _ in range(size)]
+        self.test: tuple[np.ndarray, np.ndarray] | None = None  # the latest test scores, for the epoch rows
+
+    def record(self, stack: "_Stack", members: np.ndarray, updates: int, elapsed: float) -> None:
+        scores = {name: stack.evaluate(x1, y) for name, (x1, y) in self.x1.items()}
+        self.test = scores["test"]
+        grad_sq, trace = gradient_noise(stack.weights(), self.data.x_train, self.data.y_train, stack.activation)
+        examples = examples_at(self.spec, updates)
+        for row, i in enumerate(members):
+            self.points[i].append(make_point(updates, examples, elapsed, {
+                name: (loss[row], accuracy[row]) for name, (loss, accuracy) in scores.items()},
+                grad_sq[row], trace[row]))
+
+
 def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
-    """Train every spec of one group together; members that diverge stop, the rest go on.
+    """Train every spec of one group together, scoring all of them at the update clock's points;
+    members that blow up stop at the end of that epoch, the rest go on.
     The caller pins BLAS threads (run_group does)."""
     specs = tuple(specs)
     _check_group(specs)
@@ -284,27 +309,33 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
     final: list[Weights | None] = [None] * len(specs)
     records: list[list[EpochRecord]] = [[] for _ in specs]
     starts = range(0, n, batch)
-    x1_train, x1_test = with_ones(data.x_train), with_ones(data.x_test)
+    x1_train = with_ones(data.x_train)
     labels = argmax_classes(data.y_train)
-    start = time.perf_counter()
+    clock = _Clock(first, data, len(specs))
+    updates = 0
     with np.errstate(all="ignore"):  # a diverging member overflows; that is data, not a warning
+        clock.record(stack, members, 0, 0.0)
+        start = time.perf_counter()
         for epoch in range(n_epochs):
             rows = _epoch_rows([specs[i].seed for i in members], epoch, n, batch)
             xs, ys = np.take(x1_train, rows, axis=0), np.take(data.y_train, rows, axis=0)
             logits = np.empty(ys.shape, np.float32)
             for i in starts:
                 stack.step(xs[:, i:i + batch], ys[:, i:i + batch], logits[:, i:i + batch])
+                updates += 1
+                if updates in clock.at:  # every epoch end is a point, so the last step of an epoch is
+                    clock.record(stack, members, updates, time.perf_counter() - start)
             loss, accuracy = _epoch_metrics(logits, ys, np.take(labels, rows), batch)
-            val_loss, val_accuracy = stack.evaluate(x1_test, data.y_test)
+            val_loss, val_accuracy = clock.test
             elapsed = time.perf_counter() - start
             for row, i in enumerate(members):
                 records[i].append(EpochRecord(
                     epoch=epoch + 1, loss=float(loss[row]), accuracy=float(accuracy[row]),
                     val_loss=float(val_loss[row]), val_accuracy=float(val_accuracy[row]),
-                    elapsed_s=elapsed, updates=(epoch + 1) * len(starts)))
-            alive = np.isfinite(loss) & np.isfinite(val_loss)
+                    elapsed_s=elapsed, updates=updates))
+            alive = np.array([blow_up(specs[i], clock.points[i], records[i]) is None for i in members])
             if not alive.all():
-                # Diverged members stop here, as Keras stops them; the others are untouched
+                # Blown-up members stop here, as Keras stops them; the others are untouched
                 # (every op is per model), and the stack shrinks so they cost nothing more.
                 for row in np.flatnonzero(~alive):
                     final[members[row]] = tuple(w[row].copy() for w in stack.weights())
@@ -315,7 +346,7 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
     for row, i in enumerate(members):
         final[i] = tuple(w[row].copy() for w in stack.weights())
     return FusedTraining(specs=specs, weights=tuple(final), records=tuple(tuple(r) for r in records),
-                         wall_clock_s=wall)
+                         points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall)
 
 
 def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
@@ -326,20 +357,9 @@ def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
     pin_threads(1)  # TensorFlow only draws the initial weights here
     with threadpool_limits(limits=1, user_api="blas"):  # N cores run N groups, not one group on N
         training = train_fused(specs)
-        data = make_data(specs[0].problem)
-        weights = [np.stack(ws) for ws in zip(*training.weights)]
-        final = {split: evaluate_stacked(weights, x, y, specs[0].model.activation)
-                 for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test))}
     size = len(specs)
-    results = []
-    for i, (spec, records) in enumerate(zip(training.specs, training.records)):
-        summary = summarize_epochs(spec, records)
-        scores = {}
-        if summary["status"] == "ok":
-            for split, (loss, accuracy) in final.items():
-                scores[f"{split}_loss"], scores[f"{split}_accuracy"] = float(loss[i]), float(accuracy[i])
-        results.append(TrialResult(
-            spec=spec, **summary, **scores, wall_clock_s=training.wall_clock_s / size, group_size=size,
-            group_wall_clock_s=training.wall_clock_s, engine_version=f"numpy {np.__version__}",
-            started_at=started, finished_at=utc_now(), epochs=records))
-    return results
+    return [TrialResult(spec=spec, **summarize(spec, records, points), wall_clock_s=training.wall_clock_s / size,
+                        group_size=size, group_wall_clock_s=training.wall_clock_s,
+                        engine_version=f"numpy {np.__version__}", started_at=started, finished_at=utc_now(),
+                        epochs=records, points=points)
+            for spec, records, points in zip(training.specs, training.records, training.points)]

@@ -5,7 +5,6 @@ trial early as ``diverged``, so one bad cell cannot take a study down.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -13,9 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
+from harness.clock import eval_points, examples_at
 from harness.grid import TrialSpec
+from harness.gradnoise import gradient_noise
 from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
-from harness.results import EpochRecord, TrialResult, failed_result, summarize_epochs
+from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, failed_result, make_point, summarize
 from harness.schema import utc_now
 
 
@@ -64,30 +65,52 @@ def scorer(model, x: np.ndarray, y: np.ndarray):
 
 
 def fit_keras(spec: TrialSpec, data: Data):
+    """Train with ``fit`` in the harness's batch order, scoring the model at the update clock's
+    points; a blown-up trial stops at the end of that epoch. Returns (model, epoch records,
+    points, training seconds)."""
     import keras
 
     n_batches = spec.updates_per_epoch
-    model = build_model(spec.model, spec.problem, spec.seed)
+    wanted = set(eval_points(spec).tolist())
     # A whole epoch per graph call keeps Python out of the step loop; the numbers do not change
-    # (tests/test_trial.py compares with a plain fit at steps_per_execution=1).
-    compile_model(model, spec, steps_per_execution=n_batches)
-    score_test = scorer(model, data.x_test, data.y_test)
+    # (tests/test_trial.py compares with a plain fit at steps_per_execution=1). Points inside an
+    # epoch (the geometric clock) need the model between steps, so one step per call there.
+    per_call = 1 if any(p % n_batches for p in wanted) else n_batches
+    model = build_model(spec.model, spec.problem, spec.seed)
+    compile_model(model, spec, steps_per_execution=per_call)
+    scorers = {name: scorer(model, x, y) for name, (x, y) in data.splits().items()}
     records: list[EpochRecord] = []
+    points: list[PointRecord] = []
+
+    def record(updates: int, elapsed: float) -> None:
+        weights = [np.asarray(w)[None] for w in model.get_weights()]
+        (grad_sq,), (trace,) = gradient_noise(weights, data.x_train, data.y_train, spec.model.activation)
+        points.append(make_point(updates, examples_at(spec, updates), elapsed,
+                                 {name: score() for name, score in scorers.items()}, grad_sq, trace))
+
+    record(0, 0.0)
     start = time.perf_counter()
 
     class _Recorder(keras.callbacks.Callback):
+        updates = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.updates += per_call
+            if self.updates in wanted and self.updates % n_batches:  # epoch ends: on_epoch_end
+                record(self.updates, time.perf_counter() - start)
+
         def on_epoch_end(self, epoch, logs=None):
-            val_loss, val_accuracy = score_test()
+            record(self.updates, time.perf_counter() - start)
             records.append(EpochRecord(
                 epoch=epoch + 1, loss=float(logs["loss"]), accuracy=float(logs["accuracy"]),
-                val_loss=val_loss, val_accuracy=val_accuracy,
-                elapsed_s=time.perf_counter() - start, updates=(epoch + 1) * n_batches))
-            if not (math.isfinite(records[-1].loss) and math.isfinite(val_loss)):
-                self.model.stop_training = True  # diverged: no point running more epochs on NaN
+                val_loss=points[-1].test_loss, val_accuracy=points[-1].test_accuracy,
+                elapsed_s=points[-1].elapsed_s, updates=self.updates))
+            if blow_up(spec, points, records) is not None:
+                self.model.stop_training = True  # blown up: no point training a collapsed model on
 
     model.fit(epoch_dataset(data, spec), epochs=spec.train.epochs, steps_per_epoch=n_batches,
               shuffle=False, verbose=0, callbacks=[_Recorder()])
-    return model, records, time.perf_counter() - start
+    return model, records, points, time.perf_counter() - start
 
 
 def run_trial(spec: TrialSpec) -> TrialResult:
@@ -99,18 +122,12 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 
         pin_threads(int(os.environ.get("HARNESS_THREADS_PER_TRIAL", "1")))
         keras.backend.clear_session()
-        data = make_data(spec.problem)
-        model, records, wall = fit_keras(spec, data)
-        summary = summarize_epochs(spec, records)
-        final = {}
-        if summary["status"] == "ok":
-            for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-                final[f"{split}_loss"], final[f"{split}_accuracy"] = scorer(model, x, y)()
+        _, records, points, wall = fit_keras(spec, make_data(spec.problem))
         keras.backend.clear_session()
-        return TrialResult(spec=spec, **summary, **final, wall_clock_s=wall, group_size=1,
+        return TrialResult(spec=spec, **summarize(spec, records, points), wall_clock_s=wall, group_size=1,
                            group_wall_clock_s=wall,
                            engine_version=f"keras {keras.__version__} / tensorflow {tf.__version__}",
-                           started_at=started, finished_at=utc_now(), epochs=tuple(records))
+                           started_at=started, finished_at=utc_now(), epochs=tuple(records), points=tuple(points))
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data, not a crash
         return failed_result(spec, exc, started)
 
