@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import store
+from harness import probe, store
 from harness.config import GridConfig
 from harness.plan import Plan, plan_run
 from harness.scheduler import Backend
@@ -51,8 +51,23 @@ class RunSummary:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="trial", file=sys.stderr, disable=not enabled,
+    # Counted in model-updates, the work itself: a fused group of 35 trials advances the bar by
+    # its share of the grid's compute, not by a jump of 35 tasks, so the ETA means something.
+    return tqdm(total=total, desc=desc, unit=" updates", unit_scale=True, file=sys.stderr, disable=not enabled,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def _measure_probes(todo: list, results_dir: Path, backend: Backend, run_id: str) -> None:
+    """Timing probes (harness.probe) of the specs ``todo``, each alone in its task; written as one part."""
+    print(f"timing probe: seconds per update of one Keras model for {len(todo)} batch size(s)", file=sys.stderr)
+    rows = []
+    for out in backend.run([[spec] for spec in todo], work=probe.run_probes):
+        for row in out:
+            if isinstance(row, dict):
+                rows.append(row)
+            else:  # a lost task comes back as a failed trial row: the probe is simply missing
+                print(f"timing probe: batch size {row.spec.batch_size} not measured ({row.error})", file=sys.stderr)
+    store.write_probes(results_dir, rows, run_id)
 
 
 def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_failed: bool = False,
@@ -73,27 +88,34 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             store.remove_trials(results_dir, set(plan.retry))
         summary = RunSummary(run_id=run_id, results_dir=results_dir, total=len(plan.specs),
                              skipped=len(plan.specs) - len(plan.todo))
-        if plan.todo:
+        probes = probe.probes_for(plan.specs, set(store.read_probes(results_dir)["probe_id"])) \
+            if grid.timing_probe else []
+        if plan.todo or probes:
             backend.connect()  # a cluster that cannot be joined fails here, before anything is written
             store.write_run_metadata(results_dir, run_metadata(
                 run_id, started, grid.path, grid.sha256,
                 {"grid_name": grid.name, "backend": backend.name, "trials_in_grid": len(plan.specs),
                  "trials_to_run": len(plan.todo), "argv": sys.argv, **(meta_extra or {})}))
-        bar = _progress(len(plan.todo), grid.name, progress and bool(plan.todo))
-        # No work, no backend: a finished grid reruns in a blink, without starting Ray.
-        results_iter = backend.run(group_specs(plan.todo)) if plan.todo else iter([])
+        bar = _progress(sum(s.planned_updates for s in plan.todo), grid.name, progress and bool(plan.todo))
+        results_iter = iter([])
         try:
+            if probes:
+                _measure_probes(probes, results_dir, backend, run_id)
+            # No work, no backend: a finished grid reruns in a blink, without starting Ray.
+            results_iter = backend.run(group_specs(plan.todo)) if plan.todo else iter([])
             for seq, results in enumerate(results_iter):
                 store.write_results(results_dir, results, run_id, seq)
                 summary.statuses.update(r.status for r in results)
-                bar.update(len(results))
-                bar.set_postfix(failed=summary.statuses["failed"], diverged=summary.statuses["diverged"],
-                                refresh=False)
+                bar.update(sum(r.spec.planned_updates for r in results))
+                bar.set_postfix(trials=f"{summary.ran}/{len(plan.todo)}", failed=summary.statuses["failed"],
+                                diverged=summary.statuses["diverged"], refresh=False)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
             if hasattr(results_iter, "close"):
-                results_iter.close()  # cancels tasks in flight and shuts down a Ray it started
+                results_iter.close()  # cancels tasks in flight
+            if plan.todo or probes:
+                backend.close()  # shuts down a Ray it started
             bar.close()
         summary.grid_failed = plan.kept_failed + summary.statuses["failed"]
     summary.elapsed_s = time.perf_counter() - t0

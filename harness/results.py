@@ -157,5 +157,6 @@ def summarize(spec: TrialSpec, records: Sequence[EpochRecord], points: Sequence[
     }
 
 
-def with_node(results: Sequence[TrialResult], node_id: str) -> list[TrialResult]:
-    return [replace(r, node_id=node_id) for r in results]
+def with_node(results: Sequence, node_id: str) -> list:
+    """Trial results stamped with the Ray node they ran on; other rows (timing probes) as they are."""
+    return [replace(r, node_id=node_id) if isinstance(r, TrialResult) else r for r in results]

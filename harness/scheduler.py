@@ -33,8 +33,12 @@ class Backend(Protocol):
     def connect(self) -> None:
         """Get ready to run (join or start a cluster); raise a one-line error if that fails."""
 
-    def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
-        """Yield one list of results per group, in completion order."""
+    def close(self) -> None:
+        """Release what connect() started."""
+
+    def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
+        """Yield one list of results per group, in completion order; ``work`` (default: the
+        backend's own, run_group) is what runs one group."""
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -55,9 +59,12 @@ class SerialBackend:
     def connect(self) -> None:
         """Nothing to join: trials run in this process."""
 
-    def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
+    def close(self) -> None:
+        """Nothing to shut down."""
+
+    def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
         for group in groups:
-            yield self.work(group)
+            yield (work or self.work)(group)
 
 
 def _ray_group(work: Work, group: Group) -> list[TrialResult]:
@@ -146,7 +153,7 @@ class RayBackend:
     num_cpus: int | None = None  # for the local instance only; None = all cores
     work: Work = run_group
     name: str = "ray"
-    _owns_ray: bool = field(default=False, init=False)  # shut Ray down after run() only if we started it
+    _owns_ray: bool = field(default=False, init=False)  # close() shuts Ray down only if we started it
 
     def connect(self) -> None:
         """Initialise Ray unless already initialised (the driver calls this before writing
@@ -174,10 +181,12 @@ class RayBackend:
                     time.sleep(attempt)
         self._owns_ray = True
 
-    def run(self, groups: Sequence[Group]) -> Iterator[list[TrialResult]]:
+    def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
         import ray
         from ray.exceptions import RayError
 
+        work = work or self.work
+        started_here = not ray.is_initialized()  # then this call also shuts down what it started
         self.connect()
         remote = ray.remote(_ray_group).options(
             num_cpus=self.cpus_per_trial, max_retries=self.max_retries, retry_exceptions=False,
@@ -193,7 +202,7 @@ class RayBackend:
             while queue or pending:
                 while queue and len(pending) < limit:
                     group = queue.pop(0)
-                    pending[remote.remote(self.work, group)] = group
+                    pending[remote.remote(work, group)] = group
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     group = pending.pop(ref)
@@ -207,6 +216,13 @@ class RayBackend:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
+            if started_here:
+                self.close()
+
+    def close(self) -> None:
+        """Shut down the Ray this backend started (a joined cluster is left as it is)."""
+        import ray
+
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False

@@ -25,7 +25,7 @@ import numpy as np
 
 from harness.clock import eval_points, examples_at
 from harness.config import ModelConfig, ProblemConfig
-from harness.gradnoise import gradient_noise
+from harness.noise import gradient_noise
 from harness.grid import TrialSpec
 from harness.problem import epoch_batches, initial_weights, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize

@@ -14,7 +14,7 @@ import numpy as np
 
 from harness.clock import eval_points, examples_at
 from harness.grid import TrialSpec
-from harness.gradnoise import gradient_noise
+from harness.noise import gradient_noise
 from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, failed_result, make_point, summarize
 from harness.schema import utc_now
