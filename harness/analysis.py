@@ -6,8 +6,12 @@ reads or writes files except ``load_reference`` (package data). A *cell* is one
 (batch_size, learning_rate) pair; its seeds are the replicates.
 
 The speed of learning has three clocks, kept apart everywhere: epochs to target (passes over
-the data), updates to target (optimizer steps) and seconds to target (wall clock). All three
-are read off the per-epoch test accuracy, so they are only as fine as one epoch.
+the data), updates to target (optimizer steps) and seconds to target. All three are read off
+the update clock's points (harness.clock) on the selection split (validation when the study has
+one, else test), so they are as fine as one clock point; results written before the clock
+existed fall back to the per-epoch test accuracy (one epoch). Seconds are updates times the
+timing probe's seconds per update (harness.probe); without a probe, an isolated (Keras) trial's
+own elapsed time, and nothing for fused trials, whose amortized times never enter a clock.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ CELL = ["batch_size", "learning_rate"]
 CONFIG_NAMES = [name for name, _, _ in CONFIG_COLUMNS]
 # The axes inside one study's figures. Any other config column that varies (a second grid with
 # another problem, a swept momentum) splits the frame into studies that are reported apart.
-STUDY_AXES = ("batch_size", "learning_rate", "seed", "engine")
+# The engine is not an axis: trials of two engines are not more seeds of one setting, so each
+# engine's trials form a study of their own (statistics pool only trials that differ in the seed).
+STUDY_AXES = ("batch_size", "learning_rate", "seed")
 CLOCKS = {"epochs": "epochs_to_target", "updates": "updates_to_target", "seconds": "seconds_to_target"}
 ISOLATED, AMORTIZED = "isolated", "amortized (fused group)"
 
@@ -104,29 +110,67 @@ def split_studies(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
             for key, g in trials.groupby(columns, sort=True)]
 
 
-def curves(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+def seconds_per_update(trials: pd.DataFrame, probes: pd.DataFrame | None) -> pd.Series:
+    """Per trial (index aligned with ``trials``): the probed seconds per update of its batch size
+    (median over the probes of that batch size), NaN without a probe."""
+    if probes is None or probes.empty:
+        return pd.Series(math.nan, index=trials.index)
+    cost = probes.groupby("batch_size")["seconds_per_update"].median()
+    return trials["batch_size"].map(cost).astype(float)
+
+
+def curves(trials: pd.DataFrame, epochs: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per-epoch rows of ``trials`` with the trial's batch size, learning rate, seed and status,
-    plus ``seconds``: elapsed_s put on the same footing as wall_clock_s. A fused group records
-    the group's elapsed time on every member, so a member's share is scaled down as its
-    wall_clock_s is (group time / group size); an isolated trial's seconds are its elapsed_s."""
+    plus ``seconds``, a clock a user could see: updates times the probed seconds per update
+    when there is a probe, else an isolated trial's own elapsed_s, else (a fused trial, whose
+    elapsed time is its whole group's) NaN."""
     keep = ["trial_id", "batch_size", "learning_rate", "seed", "status", "group_size"]
     out = epochs.merge(trials[keep], on="trial_id", how="inner").sort_values(["trial_id", "epoch"])
-    share = (trials["wall_clock_s"] / trials["group_wall_clock_s"]).where(trials["group_size"] > 1, 1.0)
-    share = out["trial_id"].map(dict(zip(trials["trial_id"], share.fillna(1.0)))).astype(float)
-    return out.assign(seconds=out["elapsed_s"] * share)
+    cost = seconds_per_update(out, probes)
+    own = out["elapsed_s"].where(out["group_size"].fillna(1) <= 1)
+    return out.assign(seconds=(out["updates"] * cost).fillna(own))
 
 
-def to_target(curve: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Per trial: first epoch, update count and (amortized) seconds at which the test accuracy
-    reaches ``target``; inf when it never does. ``curve`` is what ``curves`` returns."""
+def selection_metric(trials: pd.DataFrame) -> str:
+    """The points column settings are chosen on: validation accuracy when every trial has a
+    validation split, else test accuracy (and figures then say the test set chose)."""
+    has_val = "n_val" in trials and len(trials) and bool((trials["n_val"] > 0).all())
+    return "val_accuracy" if has_val else "test_accuracy"
+
+
+def clock_resolution(trials: pd.DataFrame, points: pd.DataFrame | None) -> str:
+    """What one step of the clocks to target is, for figure titles."""
+    if points is None or not points["trial_id"].isin(trials["trial_id"]).any():
+        return "one epoch"
+    per_octave = trials.loc[trials["eval_schedule"] == "geometric", "eval_points_per_octave"]
+    if len(per_octave) == len(trials):
+        k = int(per_octave.min())
+        return f"one update-clock point, {k} per octave (at most {2 ** (1 / k) - 1:.0%} of the updates)"
+    return "one update-clock point (epoch ends)"
+
+
+def to_target(curve: pd.DataFrame, target: float, metric: str = "val_accuracy") -> pd.DataFrame:
+    """Per trial: first epoch, update count and seconds at which ``metric`` reaches ``target``;
+    inf when it never does. ``curve`` has trial_id, epoch, updates, seconds and ``metric``: the
+    per-epoch frame ``curves`` returns (its val_accuracy is the test set's) or ``point_curves``."""
     cols = list(CLOCKS.values())
-    curve = curve.sort_values(["trial_id", "epoch"])
-    first = curve[curve["val_accuracy"] >= target].drop_duplicates("trial_id")
+    curve = curve.sort_values(["trial_id", "updates"])
+    first = curve[curve[metric] >= target].drop_duplicates("trial_id")
     first = first[["trial_id", "epoch", "updates", "seconds"]].set_axis(["trial_id", *cols], axis=1)
     out = pd.DataFrame({"trial_id": curve["trial_id"].unique()}).merge(first, on="trial_id", how="left")
     out[cols] = out[cols].astype(float)
     out.loc[~out["trial_id"].isin(first["trial_id"]), cols] = math.inf
     return out
+
+
+def point_curves(trials: pd.DataFrame, points: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The update clock's points of ``trials`` with ``epoch`` (fractional: examples_seen / n_train)
+    and ``seconds`` as ``curves`` defines them."""
+    keep = ["trial_id", "batch_size", "n_train", "group_size"]
+    out = points.merge(trials[keep], on="trial_id", how="inner")
+    own = out["elapsed_s"].where(out["group_size"].fillna(1) <= 1)
+    return out.assign(epoch=out["examples_seen"] / out["n_train"],
+                      seconds=(out["updates"] * seconds_per_update(out, probes)).fillna(own))
 
 
 def curve_noise(curve: pd.DataFrame, tail: float = 0.1) -> pd.Series:
@@ -139,12 +183,21 @@ def curve_noise(curve: pd.DataFrame, tail: float = 0.1) -> pd.Series:
     return last.groupby("trial_id")["val_accuracy"].std(ddof=1).rename("curve_noise")
 
 
-def enrich(trials: pd.DataFrame, epochs: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Trials plus per-trial derived columns: the three clocks to ``target`` (inf = never
-    reached), curve noise, seconds per epoch and the timing kind. Failed trials get NaN clocks:
-    they tell nothing about the learning rate."""
-    curve = curves(trials, epochs)
-    out = trials.merge(to_target(curve, target), on="trial_id", how="left")
+def enrich(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, points: pd.DataFrame | None = None,
+           probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Trials plus per-trial derived columns: the three clocks to ``target`` on the selection
+    split (inf = never reached), curve noise, seconds per epoch and the timing kind. Trials
+    with points are clocked on them; others (results from before the update clock) on the
+    per-epoch test accuracy. Failed trials get NaN clocks: they tell nothing about the rate."""
+    curve = curves(trials, epochs, probes)
+    clocked = points[points["trial_id"].isin(trials["trial_id"])] if points is not None else None
+    if clocked is not None and len(clocked):
+        by_point = to_target(point_curves(trials, clocked, probes), target, selection_metric(trials))
+        legacy = to_target(curve[~curve["trial_id"].isin(clocked["trial_id"])], target)
+        reached = pd.concat([by_point, legacy], ignore_index=True)
+    else:
+        reached = to_target(curve, target)
+    out = trials.merge(reached, on="trial_id", how="left")
     out = out.merge(curve_noise(curve[curve["status"] == "ok"]).reset_index(), on="trial_id", how="left")
     # A diverged trial never counts as reaching the target, even if it crossed it before blowing
     # up: it did not end as a trained model, and a rate that blows up is no one's best rate.
@@ -184,9 +237,11 @@ def summarize_cells(trials: pd.DataFrame, reference: list[dict] | None = None) -
                "seeds": int(g["seed"].nunique()), "ok": len(ok), "diverged": n_div, "failed": n_fail,
                # Of the trials that finished: a failed trial's outcome is unknown, not stable.
                "share_diverged": n_div / (len(ok) + n_div) if len(ok) + n_div else math.nan}
-        for split in ("train", "test"):
+        for split in ("train", "val", "test"):
+            # Accuracies live in [0, 1]; a t-interval over two or three seeds does not know that.
             mean, low, high = mean_ci(ok[f"{split}_accuracy"])
-            row.update({f"{split}_acc_mean": mean, f"{split}_acc_ci_low": low, f"{split}_acc_ci_high": high})
+            row.update({f"{split}_acc_mean": mean, f"{split}_acc_ci_low": max(low, 0.0) if low == low else low,
+                        f"{split}_acc_ci_high": min(high, 1.0) if high == high else high})
         row["test_acc_std"] = float(ok["test_accuracy"].std(ddof=1)) if len(ok) > 1 else math.nan
         row["curve_noise"] = float(ok["curve_noise"].mean()) if len(ok) else math.nan
         row["wall_clock_s_mean"] = float(ok["wall_clock_s"].mean()) if len(ok) else math.nan
@@ -202,17 +257,19 @@ def summarize_cells(trials: pd.DataFrame, reference: list[dict] | None = None) -
     return pd.DataFrame(rows)
 
 
-def best_lr_by_accuracy(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per batch size, the learning rate with the highest mean final test accuracy among those
-    where no seed diverged (a rate that sometimes blows up is not 'best'); ties go to the smaller
-    rate. NaN where every rate had a diverged seed."""
+def best_lr_by_accuracy(cells: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Per batch size, the learning rate with the highest mean final accuracy on ``split``
+    ('val' or 'test') among those where no seed diverged (a rate that sometimes blows up is not
+    'best'); ties go to the smaller rate. Its test accuracy is what to report. NaN where every
+    rate had a diverged seed."""
     rows = []
+    chosen = f"{split}_acc_mean"
     for bs, g in cells.groupby("batch_size", sort=True):
-        eligible = g[(g["diverged"] == 0) & g["test_acc_mean"].notna()]
+        eligible = g[(g["diverged"] == 0) & g[chosen].notna()]
         if eligible.empty:
             rows.append({"batch_size": bs, "learning_rate": math.nan, "test_acc_mean": math.nan})
             continue
-        best = eligible.sort_values(["test_acc_mean", "learning_rate"], ascending=[False, True]).iloc[0]
+        best = eligible.sort_values([chosen, "learning_rate"], ascending=[False, True]).iloc[0]
         rows.append({"batch_size": bs, "learning_rate": best["learning_rate"], "test_acc_mean": best["test_acc_mean"]})
     return pd.DataFrame(rows, columns=["batch_size", "learning_rate", "test_acc_mean"])
 

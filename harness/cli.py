@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 from harness.config import ENGINES, ConfigError, load_grid, with_engine
@@ -115,8 +114,9 @@ def run_main(argv: list[str] | None = None) -> int:
         else:
             backend = RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial,
                                  max_concurrent=args.max_concurrent, verbose=args.verbose)
-        if args.dry_run:
-            on_disk = store.finished_trials(results_dir) if not args.fresh else {}
+        if args.dry_run:  # strictly read-only: what a run would set aside is reported, not moved
+            with driver.announced_set_asides():
+                on_disk = store.finished_trials(results_dir, move=False) if not args.fresh else {}
             print(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name))
             return 0
         if args.fresh:
@@ -124,8 +124,6 @@ def run_main(argv: list[str] | None = None) -> int:
                 moved = store.move_aside(results_dir)
             if moved:
                 print(f"moved earlier results to {moved}", file=sys.stderr)
-        if not args.verbose:
-            warnings.filterwarnings("ignore")
         # Batch schedulers (Slurm, Kubernetes) stop jobs with SIGTERM: treat it like Ctrl-C, so
         # the run stops cleanly, keeps what finished and says how to resume.
         signal.signal(signal.SIGTERM, signal.default_int_handler)

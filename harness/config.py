@@ -67,8 +67,11 @@ class TrainConfig:
     eval_schedule: str = neutral("epoch")  # epoch ends only, or also geometric points (harness.clock)
     eval_points_per_octave: int = neutral(4)
     # A trial whose training loss exceeds this factor of its initial loss at an evaluation point
-    # has blown up: it is `diverged`, even if the loss stays finite.
-    divergence_factor: float = neutral(10.0)
+    # has blown up: it is `diverged`, even if the loss stays finite. Measured on the default
+    # problem (momentum 0.9): early spikes of up to ~36x recover (bs 500, lr 0.32 ends at 0.82
+    # test accuracy), while runs that end collapsed at chance peak at 1e2 to 1e33; 10x would
+    # call recovering runs diverged.
+    divergence_factor: float = neutral(100.0)
 
 
 def _kind(f: dataclasses.Field) -> type:

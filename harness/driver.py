@@ -1,11 +1,14 @@
 """A run from grid to Parquet: plan what is left, hand it to a backend, write each result as it lands."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from harness import probe, store
 from harness.config import GridConfig
@@ -25,6 +28,7 @@ class RunSummary:
     grid_failed: int = 0        # failed trials of the whole grid, on disk after the run
     elapsed_s: float = 0.0
     interrupted: bool = False
+    set_aside: list[str] = field(default_factory=list)  # what was moved to set-aside/, and why
 
     @property
     def ran(self) -> int:
@@ -45,7 +49,27 @@ class RunSummary:
             line += "; run the same command again to resume"
         elif self.grid_failed:
             line += f"; {self.grid_failed} failed (see the 'error' column; --retry-failed runs them again)"
+        if self.set_aside:
+            line += f"; {len(self.set_aside)} file(s) set aside (named above)"
         return line
+
+
+@contextlib.contextmanager
+def announced_set_asides() -> Iterator[list[str]]:
+    """Every file the store moves (or would move) to set-aside/ inside the block, named on
+    stderr as it happens and collected for the run summary; other warnings pass on as usual."""
+    moved: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", store.SetAsideWarning)
+        try:
+            yield moved
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, store.SetAsideWarning):
+                    moved.append(str(warning.message))
+                    print(f"harness: set aside: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -83,11 +107,12 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
     run_id = new_run_id(started)
     with store.locked(results_dir):
         store.drop_orphan_epochs(results_dir)
-        plan = plan_run(grid, store.finished_trials(results_dir), retry_failed)
-        if plan.retry:
-            store.remove_trials(results_dir, set(plan.retry))
+        with announced_set_asides() as moved:
+            plan = plan_run(grid, store.finished_trials(results_dir), retry_failed)
+            if plan.retry:
+                store.remove_trials(results_dir, set(plan.retry))
         summary = RunSummary(run_id=run_id, results_dir=results_dir, total=len(plan.specs),
-                             skipped=len(plan.specs) - len(plan.todo))
+                             skipped=len(plan.specs) - len(plan.todo), set_aside=moved)
         probes = probe.probes_for(plan.specs, set(store.read_probes(results_dir)["probe_id"])) \
             if grid.timing_probe else []
         if plan.todo or probes:

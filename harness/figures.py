@@ -58,10 +58,19 @@ def bs_axis(ax, sizes) -> None:
     ax.set_xlabel("batch size (log2)")
 
 
+def lr_text(value: float) -> str:
+    """A learning rate as people write it: 0.1, 0.3, 1e-2, 3.2e-2, 3.2e-4 (never 0.031623)."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    exponent = int(exponent)
+    if -1 <= exponent <= 1:
+        return f"{value:.2g}"
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
 def lr_palette(rates) -> dict[str, tuple]:
     rates = sorted(rates)
     colors = sns.color_palette("flare", max(len(rates), 2))
-    return {f"{lr:g}": colors[i] for i, lr in enumerate(rates)}
+    return {lr_text(lr): colors[i] for i, lr in enumerate(rates)}
 
 
 def bs_palette(sizes) -> dict[int, tuple]:
@@ -110,7 +119,7 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
                     transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1.0})
             ax.set_title(f"batch size {bs}" if i == 0 or wrap < len(sizes) else "", fontsize="medium")
-            ax.set_ylabel(f"lr {lr:g}\naccuracy" if j == 0 else "")
+            ax.set_ylabel(f"lr {lr_text(lr)}\naccuracy" if j == 0 else "")
             ax.set_xlabel("epoch" if k + n_cols >= len(rates) * len(sizes) else "")
             if wrap < len(sizes):  # a wrapped last row may be short: label every panel's epochs
                 ax.xaxis.set_tick_params(labelbottom=True)
@@ -163,7 +172,7 @@ def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
         ax = fig.subplots()
         sns.heatmap(grid, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=1.5, linecolor="white",
                     cbar_kws={"label": "final test accuracy"}, xticklabels=[f"{b:g}" for b in sizes],
-                    yticklabels=[f"{lr:g}" for lr in rates])
+                    yticklabels=[lr_text(lr) for lr in rates])
         for i, lr in enumerate(rates):
             for j, bs in enumerate(sizes):
                 _annotate_cell(ax, i, j, by_cell.get((int(bs), float(lr))), expected.get((int(bs), float(lr))),

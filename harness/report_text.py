@@ -62,7 +62,7 @@ def markdown_rows(table: pd.DataFrame, target: float) -> pd.DataFrame:
             "reference train / test": ref,
             "wall-clock s": _seconds(r.wall_clock_s_mean) + star,
             "updates": _clock(r.updates_mean, ",.0f"),
-            f"epochs to {t}": _clock(r.epochs_to_target, ".0f"),
+            f"epochs to {t}": _clock(r.epochs_to_target, ".3g"),
             f"updates to {t}": _clock(r.updates_to_target, ",.0f"),
             f"seconds to {t}": _seconds(r.seconds_to_target) + (star if math.isfinite(r.seconds_to_target) else ""),
             "diverged": "—" if r.share_diverged != r.share_diverged else f"{r.share_diverged:.0%}",

@@ -23,7 +23,8 @@ from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_
 from harness.plan import planned_specs
 from harness.scaling_figures import (plot_best_learning_rate, plot_stability, plot_training_speed,
                                      plot_updates_to_target)
-from harness.store import StoreError, is_results_dir, read_epochs, read_runs, read_trials, write_text_atomic
+from harness.store import (StoreError, is_results_dir, read_epochs, read_points, read_probes, read_runs, read_trials,
+                           write_text_atomic)
 from harness.report_text import markdown_table, render_report, summary_table
 
 FORMATS = ("png", "pdf", "svg")
@@ -40,8 +41,15 @@ class Study:
     label: str  # '' when the results hold one study
     trials: pd.DataFrame
     epochs: pd.DataFrame
+    points: pd.DataFrame  # the update clock (empty for results from before it)
+    probes: pd.DataFrame  # timing probes (empty without timing_probe)
     target: float
     done: analysis.Completeness
+
+    @property
+    def clocks(self) -> dict:
+        """What every clock-reading figure is given besides trials and epochs."""
+        return {"points": self.points, "probes": self.probes}
 
     @property
     def sizes(self) -> int:
@@ -87,11 +95,11 @@ FIGURES = (
     FigureSpec("accuracy_heatmap", "Final test accuracy over batch size and learning rate",
                lambda s: plot_accuracy_heatmap(s.trials, s.done.note, s.done.expected), _needs(cells=2, ok=False)),
     FigureSpec("training_speed", "Training speed", lambda s: plot_training_speed(
-        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2)),
     FigureSpec("updates_to_target", "Updates (and epochs, seconds) to target", lambda s: plot_updates_to_target(
-        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2)),
     FigureSpec("best_learning_rate", "Best learning rate by batch size", lambda s: plot_best_learning_rate(
-        s.trials, s.epochs, s.target, s.done.note), _needs(sizes=2, rates=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2, rates=2)),
     FigureSpec("stability", "Stability across seeds", lambda s: plot_stability(
         s.trials, s.epochs, s.done.note), _needs(sizes=2)),
 )
@@ -158,8 +166,8 @@ def mixing_warnings(trials: pd.DataFrame, runs: list[dict]) -> list[str]:
     engines = Counter(trials["engine"])
     if len(engines) > 1:
         notes.append("rows come from several engines (" + ", ".join(f"{e}: {n}" for e, n in sorted(engines.items()))
-                     + "); accuracies are pooled (the engines train the same model on the same batches), "
-                       "timings are drawn apart")
+                     + "); each engine's trials are a study of their own: a seed trained by two engines is "
+                       "one seed, not two, so statistics never pool them")
     # A trial was timed where it ran (its hostname; a Ray cluster spreads one run over nodes);
     # the run's host (runs/<run_id>.json) stands in for rows that do not say.
     host_of = {r.get("run_id"): r.get("host") for r in runs}
@@ -177,14 +185,16 @@ def mixing_warnings(trials: pd.DataFrame, runs: list[dict]) -> list[str]:
     return notes
 
 
-def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float,
-                   planned: pd.DataFrame | None) -> Iterator[tuple[Section, dict[str, Figure]]]:
+def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, planned: pd.DataFrame | None,
+                   points: pd.DataFrame, probes: pd.DataFrame) -> Iterator[tuple[Section, dict[str, Figure]]]:
     """Per study: its section of the report and the figures it can have (the ones it cannot are
     noted in the section). One study at a time, so a big report never holds every figure."""
     reference = analysis.load_reference()
     for label, part in analysis.split_studies(trials):
         part_epochs = epochs[epochs["trial_id"].isin(part["trial_id"])]
-        study = Study(label, part, part_epochs, target, analysis.completeness(part, _plan_of(planned, part)))
+        part_points = points[points["trial_id"].isin(part["trial_id"])]
+        study = Study(label, part, part_epochs, part_points, probes, target,
+                      analysis.completeness(part, _plan_of(planned, part)))
         section, figures = Section(label, note=study.done.note), {}
         suffix = f"-{_slug(label)}" if label else ""
         for spec in FIGURES:
@@ -194,7 +204,7 @@ def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float,
             else:
                 section.figures[spec.name + suffix] = spec.title
                 figures[spec.name + suffix] = spec.draw(study)
-        cells = analysis.summarize_cells(analysis.enrich(part, part_epochs, target), reference)
+        cells = analysis.summarize_cells(analysis.enrich(part, part_epochs, target, **study.clocks), reference)
         section.table = summary_table(cells, label)
         yield section, figures
 
@@ -212,6 +222,7 @@ def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
         warnings.simplefilter("always")
         runs = read_runs(results_dir)
     trials, epochs = read_trials(results_dir), read_epochs(results_dir)
+    points, probes = read_points(results_dir), read_probes(results_dir)
     if trials.empty:
         raise ReportError(f"{results_dir}: no finished trials yet ({len(runs)} run(s) started); "
                           f"report again once a trial has finished")
@@ -225,7 +236,7 @@ def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
     data_figures = [("data_set" if i == 0 else f"data_set-{i + 1}") for i in range(len(problems))]
     save_figures({name: plot_data_set(part) for name, part in zip(data_figures, problems.values())}, out_dir, formats)
     sections = []
-    for section, figures in build_sections(trials, epochs, target, planned):
+    for section, figures in build_sections(trials, epochs, target, planned, points, probes):
         save_figures(figures, out_dir, formats)
         sections.append(section)
     if len(sections) > 1:

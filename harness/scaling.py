@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from harness import critical
+from harness import analysis, critical
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,8 @@ class TargetFit:
 
 def selection(trials: pd.DataFrame) -> Selection:
     """Validation when every trial of the study has a validation split, else the test set."""
-    if "n_val" in trials and len(trials) and (trials["n_val"] > 0).all():
-        return Selection("val_accuracy", "validation")
-    return Selection("test_accuracy", "test")
+    metric = analysis.selection_metric(trials)
+    return Selection(metric, "validation" if metric == "val_accuracy" else "test")
 
 
 def _b_simple_at(points: pd.DataFrame, trial_ids, metric: str, target: float, higher: bool) -> float:

@@ -14,8 +14,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import (FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator,
                                ScalarFormatter)
 
-from harness import analysis
-from harness.figures import add_caption, add_title, bs_axis, bs_palette, lr_palette, new_figure, plot_style
+from harness import analysis, scaling
+from harness.figures import add_caption, add_title, bs_axis, bs_palette, lr_palette, lr_text, new_figure, plot_style
 
 CLOCK_LABELS = {"epochs": "epochs to target", "updates": "updates to target",
                 "seconds": "seconds to target"}
@@ -62,7 +62,8 @@ def _shared_legend(fig: Figure, caption: str = "") -> None:
 
 
 def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
-                        note: str = "") -> Figure:
+                        note: str = "", points: pd.DataFrame | None = None,
+                        probes: pd.DataFrame | None = None) -> Figure:
     """Wall clock per trial and per epoch against batch size (mean over trials of all learning
     rates, 95% CI), and test accuracy against (amortized) seconds for each batch size at the rate
     that reaches ``target`` soonest (else the most accurate rate). Isolated and amortized
@@ -71,8 +72,8 @@ def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: floa
     ok = enriched[enriched["status"] == "ok"]  # a diverged trial stopped early: its total says nothing
     finished = enriched[enriched["status"].isin(["ok", "diverged"])]
     sizes = sorted(trials["batch_size"].unique())
-    best = analysis.best_lr_for_time(analysis.summarize_cells(analysis.enrich(trials, epochs, target)))
-    curve = analysis.curves(trials, epochs).query("status == 'ok'")
+    best = analysis.best_lr_for_time(analysis.summarize_cells(analysis.enrich(trials, epochs, target, points, probes)))
+    curve = analysis.curves(trials, epochs, probes).query("status == 'ok'").dropna(subset=["seconds"])
     curve = curve.merge(best[["batch_size", "learning_rate"]], on=["batch_size", "learning_rate"])
     curve["timing"] = analysis.timing_kind(curve)
     kinds = sorted(finished["timing"].unique())
@@ -97,9 +98,10 @@ def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: floa
                         linestyle="-" if kind == analysis.ISOLATED else "--")
         ax_acc.axhline(target, color="black", linestyle=":", linewidth=1)
         log_axis(ax_acc, axis="x", base=10)
-        ax_acc.set_xlabel("seconds since training started (log)")
+        ax_acc.set_xlabel("seconds of training (log): " + ("updates × probed s/update" if probes is not None
+                                                              and len(probes) else "isolated trials' own clock"))
         ax_acc.set_ylabel("test accuracy (mean over seeds)")
-        handles = [Line2D([], [], color=palette[int(b)], label=f"{b} (lr {lr:g})")
+        handles = [Line2D([], [], color=palette[int(b)], label=f"{b} (lr {lr_text(lr)})")
                    for b, lr in zip(best["batch_size"], best["learning_rate"])]
         handles.append(Line2D([], [], color="black", linestyle=":", label=f"target {target:g}"))
         ax_acc.legend(handles=handles, title="batch size", fontsize="x-small", title_fontsize="x-small",
@@ -109,18 +111,20 @@ def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: floa
         ax_epoch.set_title("wall clock per epoch", fontsize="medium")
         if analysis.AMORTIZED in kinds:
             add_caption(fig, "amortized = a fused group's time divided by its size, not an isolated measurement; "
-                          "dashed curves on the right are amortized")
+                          "it never enters the time-to-accuracy panel, which needs a timing probe (timing_probe: true) "
+                          "for fused trials")
         add_title(fig, "Training speed", note)
     return fig
 
 
 def plot_updates_to_target(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
-                           note: str = "") -> Figure:
-    """The three clocks to ``target`` test accuracy against batch size, each at the learning rate
-    that is best for it (median over seeds, grey dots = single seeds). Perfect scaling (twice the
-    batch, half the updates; the same number of epochs) is drawn for reference, and batch sizes
-    that never reach the target are triangles on the top edge."""
-    enriched = analysis.enrich(trials, epochs, target)
+                           note: str = "", points: pd.DataFrame | None = None,
+                           probes: pd.DataFrame | None = None) -> Figure:
+    """The three clocks to ``target`` accuracy on the selection split against batch size, each
+    at the learning rate that is best for it (median over seeds, grey dots = single seeds).
+    Perfect scaling (twice the batch, half the updates; the same number of epochs) is drawn for
+    reference, and batch sizes that never reach the target are triangles on the top edge."""
+    enriched = analysis.enrich(trials, epochs, target, points, probes)
     cells = analysis.summarize_cells(enriched)
     sizes = sorted(trials["batch_size"].unique())
     with plot_style():
@@ -134,9 +138,9 @@ def plot_updates_to_target(trials: pd.DataFrame, epochs: pd.DataFrame, target: f
             ax.scatter(seeds["batch_size"], seeds[col], s=14, color=SEED_COLOR, label="single seeds", zorder=2)
             ax.plot(reached["batch_size"], reached[col], marker="o", color=MEDIAN_COLOR, zorder=3,
                     label="median over seeds, best lr")
-            for r in reached.itertuples():
-                ax.annotate(f"lr {r.learning_rate:g}", (r.batch_size, getattr(r, col)), textcoords="offset points",
-                            xytext=(0, 7), ha="center", fontsize="x-small")
+            for k, r in enumerate(reached.itertuples()):  # above and below in turn: neighbours never overlap
+                ax.annotate(lr_text(r.learning_rate), (r.batch_size, getattr(r, col)), textcoords="offset points",
+                            xytext=(0, 8 if k % 2 == 0 else -13), ha="center", fontsize="x-small")
             if clock == "updates" and len(reached):
                 ideal = analysis.perfect_scaling(best)
                 ax.plot(ideal["batch_size"], ideal[col], color="black", linestyle="--", linewidth=1,
@@ -151,21 +155,27 @@ def plot_updates_to_target(trials: pd.DataFrame, epochs: pd.DataFrame, target: f
             ax.set_ylabel(CLOCK_LABELS[clock] + " (log)")
         caption = ("perfect scaling: the same number of epochs at every batch size, so each doubling of "
                    "the batch halves the updates; anchored at the smallest batch size that reaches the target")
-        if (enriched["timing"] == analysis.AMORTIZED).any():
-            caption += "\nseconds include amortized fused-group timings (group time / group size)"
+        caption += ("\nseconds = updates to target × the timing probe's seconds per update (one Keras model, one "
+                    "thread)" if probes is not None and len(probes) else
+                    "\nseconds: isolated trials' own clock; fused trials have none without a timing probe")
+        caption += f"; labels: the best learning rate per batch size; {scaling.selection(trials).caption}"
         _shared_legend(fig, caption)
-        add_title(fig, f"Speed of learning to {target:g} test accuracy: three clocks "
-                    "(resolution: one epoch)", note)
+        split = "validation" if analysis.selection_metric(trials) == "val_accuracy" else "test"
+        add_title(fig, f"Speed of learning to {target:g} {split} accuracy: three clocks "
+                    f"(resolution: {analysis.clock_resolution(trials, points)})", note)
     return fig
 
 
 def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: float = 0.8,
-                            note: str = "") -> Figure:
-    """Best learning rate against batch size, by final test accuracy (among rates where no seed
-    diverged) and by fewest updates to ``target``. Grey lines are the rates tried, so a winner
-    on the edge of the grid (a sign the grid is too narrow) is plain to see."""
-    cells = analysis.summarize_cells(analysis.enrich(trials, epochs, target))
-    by_acc, by_updates = analysis.best_lr_by_accuracy(cells), analysis.best_lr_by_clock(cells, "updates")
+                            note: str = "", points: pd.DataFrame | None = None,
+                            probes: pd.DataFrame | None = None) -> Figure:
+    """Best learning rate against batch size, by final accuracy on the selection split (among
+    rates where no seed diverged) and by fewest updates to ``target``. Grey lines are the rates
+    tried, so a winner on the edge of the grid (a sign the grid is too narrow) is plain to see."""
+    cells = analysis.summarize_cells(analysis.enrich(trials, epochs, target, points, probes))
+    chosen = scaling.selection(trials)
+    by_acc = analysis.best_lr_by_accuracy(cells, "val" if chosen.split == "validation" else "test")
+    by_updates = analysis.best_lr_by_clock(cells, "updates")
     rates = sorted(trials["learning_rate"].unique())
     with plot_style():
         fig = new_figure(7.5, 4.6)
@@ -173,7 +183,7 @@ def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: 
         for lr in rates:
             ax.axhline(lr, color="#cccccc", linewidth=0.8, zorder=1)
         ax.plot(by_acc["batch_size"], by_acc["learning_rate"], marker="o", markersize=11, fillstyle="none",
-                linewidth=1.5, label="highest final test accuracy", zorder=3)
+                linewidth=1.5, label=f"highest final {chosen.split} accuracy", zorder=3)
         ax.plot(by_updates["batch_size"], by_updates["learning_rate"], marker="s", markersize=5, linestyle="--",
                 label=f"fewest updates to {target:g}", zorder=4)
         edge = analysis.at_edge(pd.concat([by_acc, by_updates])[["batch_size", "learning_rate"]], rates)
@@ -185,13 +195,14 @@ def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: 
                      f"no lr reaches {target:g}", "C1")
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(FixedLocator(rates))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: lr_text(v)))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(rates[0] / 1.6, rates[-1] * 1.6)
         ax.grid(False, axis="y")
         bs_axis(ax, trials["batch_size"].unique())
         ax.set_ylabel("learning rate (grey: rates tried)")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        add_caption(fig, chosen.caption)
         add_title(fig, "Best learning rate by batch size", note)
     return fig
 
@@ -201,7 +212,7 @@ def plot_stability(trials: pd.DataFrame, epochs: pd.DataFrame, note: str = "") -
     (standard deviation over ok seeds), the noise left in the curves (std of the test accuracy
     over the last 10% of epochs, mean over seeds) and the share of seeds that diverged."""
     cells = analysis.summarize_cells(analysis.enrich(trials, epochs, target=math.inf))
-    cells["lr"] = [f"{lr:g}" for lr in cells["learning_rate"]]
+    cells["lr"] = [lr_text(lr) for lr in cells["learning_rate"]]
     palette = lr_palette(cells["learning_rate"].unique())
     panels = (("test_acc_std", "std of final test accuracy\nacross seeds"),
               ("curve_noise", "std of test accuracy over\nlast 10% of epochs"),

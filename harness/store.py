@@ -44,6 +44,10 @@ class StoreError(RuntimeError):
     """A results folder cannot be used as asked; the message is one line for the user."""
 
 
+class SetAsideWarning(UserWarning):
+    """A file was (or, in a dry run, would be) moved to set-aside/; the message names it and why."""
+
+
 class SchemaVersionError(StoreError):
     """Results written by another schema version: never set aside or mixed in, always refused."""
 
@@ -168,13 +172,21 @@ def set_aside(results_dir: Path, path: Path, reason: str) -> Path:
         target = target_dir / f"{path.parent.name}-{n}-{path.name}"
         n += 1
     os.replace(path, target)
-    warnings.warn(f"{reason}; moved it to {target}", stacklevel=2)
+    warnings.warn(SetAsideWarning(f"{reason}; moved it to {target}"), stacklevel=2)
     return target
+
+
+def _handle_bad(results_dir: Path, path: Path, reason: str, on_bad: str) -> None:
+    if on_bad == "report":  # a dry run: read-only, but say what a run would do
+        warnings.warn(SetAsideWarning(f"{reason}; a run would move it to {results_dir / SET_ASIDE}"), stacklevel=3)
+    else:
+        set_aside(results_dir, path, reason)
 
 
 def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = None,
                on_bad: str = "raise") -> pa.Table:
-    """All parts of ``kind`` as one table. ``on_bad``: 'raise' a StoreError or 'set-aside'."""
+    """All parts of ``kind`` as one table. ``on_bad``: 'raise' a StoreError, 'set-aside' (move the
+    file there, with a SetAsideWarning) or 'report' (leave it, warn what a run would do)."""
     tables = []
     for path in _parts(results_dir, kind):
         try:
@@ -185,11 +197,11 @@ def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = Non
         except StoreError as exc:
             if on_bad == "raise" or isinstance(exc, SchemaVersionError):
                 raise
-            set_aside(results_dir, path, str(exc))
+            _handle_bad(results_dir, path, str(exc), on_bad)
         except Exception as exc:  # noqa: BLE001 - a file that lies about itself past the footer
             if on_bad == "raise":
                 raise StoreError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
-            set_aside(results_dir, path, f"{path}: cannot be read")
+            _handle_bad(results_dir, path, f"{path}: cannot be read", on_bad)
     schema = _SCHEMAS[kind]
     if columns:
         schema = pa.schema([schema.field(c) for c in columns])
@@ -226,9 +238,10 @@ def drop_orphan_epochs(results_dir: Path) -> list[Path]:
     return orphans
 
 
-def finished_trials(results_dir: Path) -> dict[str, str]:
-    """trial_id -> status for every trial already on disk; unreadable parts are set aside."""
-    table = read_table(results_dir, TRIALS, columns=["trial_id", "status"], on_bad="set-aside")
+def finished_trials(results_dir: Path, move: bool = True) -> dict[str, str]:
+    """trial_id -> status for every trial already on disk; unreadable parts are set aside (with
+    a SetAsideWarning each), or with ``move`` False left where they are and only reported."""
+    table = read_table(results_dir, TRIALS, columns=["trial_id", "status"], on_bad="set-aside" if move else "report")
     return dict(zip(table.column("trial_id").to_pylist(), table.column("status").to_pylist()))
 
 
@@ -249,7 +262,10 @@ def remove_trials(results_dir: Path, trial_ids: set[str]) -> int:
             keep = table.filter(pc.invert(hit))
             folder = results_dir / SET_ASIDE
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(table.filter(hit), folder / f"retried-{kind}-{path.name}")
+            kept = folder / f"retried-{kind}-{path.name}"
+            write_atomic(table.filter(hit), kept)
+            warnings.warn(SetAsideWarning(f"{path}: {n_hit} failed row(s) about to be retried; moved them to {kept}"),
+                          stacklevel=2)
             if keep.num_rows:
                 write_atomic(keep.replace_schema_metadata(table.schema.metadata), path)
             else:

@@ -47,3 +47,14 @@ def die_once_then_work(marker_dir, group):
             marker.write_text("died once")
             os._exit(1)
     return instant_work(group)
+
+
+def timed_work(marker_dir, group):
+    """Sleeps a little and writes when it ran, so a test can see how many groups overlapped."""
+    import time
+    from pathlib import Path
+
+    start = time.time()
+    time.sleep(0.4)
+    Path(marker_dir, group[0].trial_id).write_text(f"{start} {time.time()}")
+    return instant_work(group)

@@ -122,6 +122,19 @@ def test_trial_that_always_kills_its_worker_is_a_failed_row_and_exit_1(ray_local
     assert set(failed.seed) == {1} and failed.error.str.contains("ray task lost").all()
 
 
+def test_dry_run_moves_nothing_and_says_what_a_run_would_set_aside(six, tmp_path):
+    results = tmp_path / "out"
+    assert harness_run(six, "--results", results, "--backend", "serial", "--quiet").returncode == 0
+    foreign = results / "trials" / "part-zzz.parquet"
+    foreign.write_bytes(b"not parquet at all")
+    before = sorted(p.relative_to(results) for p in results.rglob("*") if p.name != ".lock")
+    dry = harness_run(six, "--results", results, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"{foreign}: not a readable Parquet file" in dry.stderr and "a run would move it to" in dry.stderr
+    assert foreign.read_bytes() == b"not parquet at all" and not (results / "set-aside").exists()
+    assert sorted(p.relative_to(results) for p in results.rglob("*") if p.name != ".lock") == before
+
+
 def test_foreign_file_in_results_is_set_aside_on_resume(six, tmp_path):
     results = tmp_path / "out"
     assert harness_run(six, "--results", results, "--backend", "serial", "--quiet").returncode == 0
@@ -130,7 +143,9 @@ def test_foreign_file_in_results_is_set_aside_on_resume(six, tmp_path):
     first_part.write_bytes(first_part.read_bytes()[:200])  # truncated, as by a bad copy
     rerun = harness_run(six, "--results", results, "--backend", "serial", "--quiet")
     assert rerun.returncode == 0, rerun.stderr
-    assert "moved it to" in rerun.stderr or (results / "set-aside").is_dir()
+    for name in (first_part.name, "part-zzz.parquet"):  # each named on stderr, with where it went
+        assert f"moved it to {results / 'set-aside' / ('trials-' + name)}" in rerun.stderr, rerun.stderr
+    assert "2 file(s) set aside" in rerun.stdout
     assert sorted(p.name for p in (results / "set-aside").iterdir()) == sorted(
         [f"trials-{first_part.name}", "trials-part-zzz.parquet"])
     trials = pd.read_parquet(results / "trials")

@@ -26,11 +26,23 @@ def test_serial_and_ray_give_the_same_numbers(ray_local):
         assert a.node_id == "local" and b.node_id == ray_local.get_runtime_context().get_node_id()
 
 
-def test_results_arrive_in_completion_order_with_a_concurrency_cap(ray_local):
-    groups = group_specs(expand_grid(tiny_grid(epochs=1, batch_size=[1, 2, 4, 8, 16], seed=[0])))
-    batches = list(RayBackend(max_concurrent=2, work=instant_work).run(groups))
-    assert sorted(len(b) for b in batches) == [1] * 5
+def _most_at_once(marker_dir) -> int:
+    spans = [tuple(map(float, p.read_text().split())) for p in marker_dir.iterdir()]
+    return max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+
+
+@pytest.mark.parametrize("cap, most", [(1, 1), (None, 2)])
+def test_concurrency_cap_holds_and_every_group_arrives_once(ray_local, tmp_path, cap, most):
+    """With a cap of 1 no two groups overlap on 2 CPUs; without one they do (so the check can fail)."""
+    from functools import partial
+
+    from fakes import timed_work
+
+    groups = group_specs(expand_grid(tiny_grid(epochs=1, batch_size=[1, 2, 4, 8], seed=[0])))
+    batches = list(RayBackend(max_concurrent=cap, work=partial(timed_work, str(tmp_path))).run(groups))
+    assert sorted(len(b) for b in batches) == [1] * 4
     assert {r.trial_id for b in batches for r in b} == {g[0].trial_id for g in groups}
+    assert _most_at_once(tmp_path) == most
 
 
 def test_a_worker_that_keeps_dying_becomes_failed_rows(ray_local):

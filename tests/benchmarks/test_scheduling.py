@@ -67,4 +67,3 @@ def test_parallel_efficiency(benchmark, ray_local):
     efficiency = serial_s / (N_CORES * ray_s)
     benchmark.extra_info.update(what=f"{len(groups)} fused groups on {N_CORES} cores", tasks=len(groups),
                                 serial_s=serial_s, parallel_efficiency=efficiency)
-    assert 0 < efficiency
