@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
+from scipy.special import expit
 
 from harness.schema import FINISHED
 
@@ -138,8 +139,9 @@ def _fit(batch: np.ndarray, steps: np.ndarray) -> Frontier:
         return theta[0] + np.logaddexp(0, theta[1] - log_b) - log_s
 
     def jacobian(theta):
-        # d/dθ1 log(1 + e^θ1/B) is the logistic of θ1 − log B.
-        return np.column_stack([np.ones_like(log_b), 1 / (1 + np.exp(log_b - theta[1]))])
+        # d/dθ1 log(1 + e^θ1/B) is the logistic of θ1 − log B (scipy's expit: no overflow when
+        # a bootstrap replicate sends B_crit towards 0).
+        return np.column_stack([np.ones_like(log_b), expit(theta[1] - log_b)])
 
     fit = least_squares(residual, _start(batch, steps), jac=jacobian, method="lm",
                         xtol=1e-12, ftol=1e-12, gtol=1e-12)

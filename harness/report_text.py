@@ -131,6 +131,8 @@ def render_report(results_dir: Path, trials: pd.DataFrame, runs: list[dict], tar
             out += [f"### {title}", "", _image(stem, formats), ""]
         for title, reason in section.skipped.items():
             out += [f"### {title}", "", f"*Skipped: {reason}.*", ""]
+        if section.scaling:
+            out += ["### Critical batch size", ""] + [f"- {line}" for line in section.scaling] + [""]
         table = section.table.drop(columns="study", errors="ignore")  # the heading names the study
         out += ["### Summary table", "", markdown_table(table, target), ""]
     out += ["Full precision: [summary.csv](summary.csv) · all studies: [summary.md](summary.md)", "",

@@ -11,13 +11,16 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness import analysis
+from harness import analysis, critical, scaling
+from harness.critical_figures import (plot_critical_vs_noise, plot_learning_rate_scaling, plot_noise_scale_collapse,
+                                      plot_steps_to_target, plot_steps_vs_examples)
 from harness.config import ConfigError
 from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_curves, problem_of
 from harness.plan import planned_specs
@@ -32,6 +35,27 @@ FORMATS = ("png", "pdf", "svg")
 
 class ReportError(ValueError):
     """Bad input for the report; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ScalingStudy:
+    """Steps to targets, fitted frontiers, B_simple and the winning rates of one study."""
+
+    chosen: scaling.Selection
+    fits: list
+    best: pd.DataFrame
+    curve: pd.DataFrame
+    stable: pd.DataFrame
+    lines: list[str]
+
+    @classmethod
+    def of(cls, trials: pd.DataFrame, points: pd.DataFrame) -> "ScalingStudy":
+        chosen = scaling.selection(trials)
+        fits = scaling.target_fits(trials, points, chosen)
+        best = scaling.best_settings(trials, chosen)
+        curve = scaling.b_simple_curve(trials, points, best)
+        lines = scaling.summary_lines(fits, scaling.plateau_b_simple(curve))
+        return cls(chosen, fits, best, curve, critical.largest_stable_lr(trials), lines)
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,11 @@ class Study:
     def clocks(self) -> dict:
         """What every clock-reading figure is given besides trials and epochs."""
         return {"points": self.points, "probes": self.probes}
+
+    @cached_property
+    def scaling(self) -> ScalingStudy:
+        """The critical-batch-size analysis, computed once for all the figures that draw it."""
+        return ScalingStudy.of(self.trials, self.points)
 
     @property
     def sizes(self) -> int:
@@ -89,6 +118,14 @@ def _needs(sizes: int = 1, rates: int = 1, cells: int = 1, ok: bool = True) -> C
     return why
 
 
+def _needs_clock(s: Study) -> str:
+    """The critical-batch-size figures read the update clock and fit over batch sizes."""
+    if s.points.empty:
+        return ("needs the update clock's points (results written before it have none; run the grid "
+                "again into a new folder)")
+    return _needs(sizes=3)(s)
+
+
 FIGURES = (
     FigureSpec("learning_curves", "Learning curves", lambda s: plot_learning_curves(
         s.trials, s.epochs, s.done.note, s.done.expected), _needs(ok=False)),
@@ -102,6 +139,18 @@ FIGURES = (
         s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2, rates=2)),
     FigureSpec("stability", "Stability across seeds", lambda s: plot_stability(
         s.trials, s.epochs, s.done.note), _needs(sizes=2)),
+    FigureSpec("steps_to_target", "Steps to target against batch size, and the critical batch size",
+               lambda s: plot_steps_to_target(s.scaling.fits, s.scaling.chosen, s.done.note), _needs_clock),
+    FigureSpec("steps_vs_examples", "Steps against examples: the fitted frontier",
+               lambda s: plot_steps_vs_examples(s.scaling.fits, s.scaling.chosen, s.done.note), _needs_clock),
+    FigureSpec("critical_vs_noise", "Critical batch size and gradient noise scale", lambda s: plot_critical_vs_noise(
+        s.scaling.fits, s.scaling.curve, s.scaling.chosen, s.done.note), _needs_clock),
+    FigureSpec("learning_rate_scaling", "Learning-rate scaling rules and the stable range",
+               lambda s: plot_learning_rate_scaling(s.scaling.best, s.scaling.stable,
+                                                    sorted(s.trials["learning_rate"].unique()), s.scaling.chosen,
+                                                    s.done.note), _needs(sizes=2, rates=2)),
+    FigureSpec("noise_scale_collapse", "Final accuracy against the SGD noise scale",
+               lambda s: plot_noise_scale_collapse(s.trials, s.scaling.chosen, s.done.note), _needs(sizes=2)),
 )
 
 
@@ -112,6 +161,7 @@ class Section:
     skipped: dict[str, str] = field(default_factory=dict)  # title -> reason
     table: pd.DataFrame | None = None
     note: str = ""
+    scaling: list[str] = field(default_factory=list)  # one line per critical-batch-size fit
 
 
 def save_figures(figures: Mapping[str, Figure], out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
@@ -152,10 +202,11 @@ def planned_trials(results_dir: Path, runs: list[dict]) -> tuple[pd.DataFrame | 
 
 
 def _plan_of(planned: pd.DataFrame | None, trials: pd.DataFrame) -> pd.DataFrame | None:
-    """The planned trials of the study ``trials`` belongs to (same config beyond the axes)."""
+    """The planned trials of the study ``trials`` belongs to (same config beyond the axes; the
+    engine aside, since a run may override the grid's with --engine)."""
     if planned is None:
         return None
-    for col in (c for c in analysis.CONFIG_NAMES if c not in analysis.STUDY_AXES):
+    for col in (c for c in analysis.CONFIG_NAMES if c not in (*analysis.STUDY_AXES, "engine")):
         planned = planned[planned[col].isin(trials[col].unique())]
     return planned
 
@@ -204,6 +255,8 @@ def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, pl
             else:
                 section.figures[spec.name + suffix] = spec.title
                 figures[spec.name + suffix] = spec.draw(study)
+        if not _needs_clock(study):
+            section.scaling = study.scaling.lines
         cells = analysis.summarize_cells(analysis.enrich(part, part_epochs, target, **study.clocks), reference)
         section.table = summary_table(cells, label)
         yield section, figures

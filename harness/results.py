@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import socket
+import traceback
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Sequence
 
 from harness.grid import TrialSpec
@@ -92,10 +94,18 @@ class TrialResult:
         return self.spec.trial_id
 
 
+def error_text(exc: BaseException, frames: int = 3) -> str:
+    """'Type: message' on the first line, then the innermost ``frames`` frames of its traceback
+    (file:line in function), so a failed row says where it failed without a log to dig in."""
+    head = f"{type(exc).__name__}: {exc}".strip()
+    tail = traceback.extract_tb(exc.__traceback__)[-frames:]
+    return "\n".join([head, *(f"  at {Path(f.filename).name}:{f.lineno} in {f.name}" for f in tail)])
+
+
 def failed_result(spec: TrialSpec, exc: BaseException | str, started_at: datetime | None = None,
                   **fields_) -> TrialResult:
     """A ``failed`` row carrying the error; used by engines and by schedulers for lost workers."""
-    error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".strip()
+    error = exc if isinstance(exc, str) else error_text(exc)
     return TrialResult(spec=spec, status="failed", error=error[:2000], started_at=started_at or utc_now(),
                        finished_at=utc_now(), **fields_)
 

@@ -191,12 +191,14 @@ def test_reference_values_only_beside_cells_of_the_reference_setting(tmp_path):
     assert other["ref_test_accuracy"].isna().all()
 
 
-def test_packaged_reference_is_the_shared_copy_and_matches_our_setting():
+def test_packaged_reference_holds_the_four_published_runs_and_our_setting():
     packaged = json.loads((REPO / "harness" / "data" / "reference.json").read_text())
-    shared = Path("/work/shared/reference/seed_results.json")
-    if shared.exists():
-        assert packaged == json.loads(shared.read_text())
-    assert len(packaged["runs"]) == 4
+    # The tutorial's table (Brownlee, "How to Control the Speed and Stability of Training Neural
+    # Networks With Batch Size"): (batch size, lr) -> (train, test) accuracy of its single runs.
+    published = {(500, 0.01): (0.816, 0.830), (1, 0.01): (0.612, 0.606), (1, 0.001): (0.816, 0.824),
+                 (32, 0.01): (0.832, 0.812)}
+    assert {(r["batch_size"], r["learning_rate"]): (r["train_accuracy"], r["test_accuracy"])
+            for r in packaged["runs"]} == published
     for key in ("n_samples", "centers", "n_features", "cluster_std", "random_state", "epochs"):
         assert analysis.REFERENCE_CONFIG[key] == packaged["problem"][key]
 
@@ -273,7 +275,8 @@ def test_log2_batch_size_axes_tick_the_batch_sizes_run(study):
 # ---- the report: files, notes and the command line ----------------------------------------
 
 FIGURE_NAMES = ("data_set", "learning_curves", "accuracy_heatmap", "training_speed", "updates_to_target",
-                "best_learning_rate", "stability")
+                "best_learning_rate", "stability", "steps_to_target", "steps_vs_examples", "critical_vs_noise",
+                "learning_rate_scaling", "noise_scale_collapse")
 
 
 def test_summary_table_counts_every_trial_and_marks_what_is_not_a_number(study):
@@ -328,20 +331,21 @@ def test_partial_mixed_results_are_labelled_split_and_warned(tmp_path):
     assert report_main([str(results)]) == 0
     out = results / "report"
     report = (out / "report.md").read_text()
-    assert "**Partial results:** momentum=0.5: 4 of 8 planned trials on disk, 4 missing" in report
+    # Engines are studies of their own: a seed trained twice is not two seeds.
+    assert "**Partial results:** momentum=0.5, engine=fused: 4 of 8 planned trials on disk, 4 missing" in report
     assert "several engines (fused: 4, keras: 8)" in report
     assert "several machines (node-a: 8, node-b: 4)" in report
     assert "4 of 12 trials were trained in fused groups" in report
-    assert "## momentum=0.5" in report and "## momentum=0.9" in report
-    for name in FIGURE_NAMES[1:]:
-        assert (out / f"{name}-momentum=0.9.png").exists(), name
-    assert (out / "learning_curves-momentum=0.5.png").exists()
-    assert not (out / "training_speed-momentum=0.5.png").exists()  # one batch size: nothing to compare
+    assert "## momentum=0.5, engine=fused" in report and "## momentum=0.9, engine=keras" in report
+    for name in FIGURE_NAMES[1:7]:
+        assert (out / f"{name}-momentum=0.9__engine=keras.png").exists(), name
+    assert (out / "learning_curves-momentum=0.5__engine=fused.png").exists()
+    assert not (out / "training_speed-momentum=0.5__engine=fused.png").exists()  # one batch size
     assert "*Skipped: needs at least 2 batch sizes; these results have 1 so far (2 planned).*" in report
     assert (out / "data_set.png").exists() and not (out / "data_set-2.png").exists()  # one problem, drawn once
     table = pd.read_csv(out / "summary.csv")
-    assert sorted(table["study"].unique()) == ["momentum=0.5", "momentum=0.9"]
-    assert set(table.loc[table["study"] == "momentum=0.5", "timing"]) == {analysis.AMORTIZED}
+    assert sorted(table["study"].unique()) == ["momentum=0.5, engine=fused", "momentum=0.9, engine=keras"]
+    assert set(table.loc[table["study"] == "momentum=0.5, engine=fused", "timing"]) == {analysis.AMORTIZED}
     assert "\\* amortized" in report
     assert not list(out.glob(".*tmp"))  # every file renamed into place
 
@@ -391,10 +395,13 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 TINY_GRID = """\
 name: tiny
+problem:
+  n_val: 200
 train:
   epochs: 8
+  eval_schedule: geometric
 sweep:
-  batch_size: [32, 500]
+  batch_size: [32, 100, 500]
   learning_rate: [0.01, 0.1]
   seed: [0, 1]
 """
@@ -421,8 +428,9 @@ def test_end_to_end_run_then_report(tmp_path, capsys):
         assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
         assert f"![{name}]({name}.png)" in report and f"[pdf]({name}.pdf)" in report
     table = pd.read_csv(out / "summary.csv")
-    assert len(table) == 4 and (table["trials"] == 2).all() and (table["ok"] == 2).all()
+    assert len(table) == 6 and (table["trials"] == 2).all() and (table["ok"] == 2).all()
     assert "Partial" not in report and "Skipped" not in report
+    assert "### Critical batch size" in report and "B_crit = " in report
     assert "planned grid unknown" not in report  # the run's grid file was found through runs/*.json
     assert "target test accuracy 0.75" in report and "fused groups" in report
     assert (out / "summary.md").read_text().startswith("| batch size | lr |")

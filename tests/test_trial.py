@@ -74,7 +74,8 @@ def test_an_exception_becomes_a_failed_row(monkeypatch):
     monkeypatch.setattr(trial, "fit_keras", boom)
     spec = expand_grid(tiny_grid())[0]
     res = run_group([spec])[0]
-    assert res.status == "failed" and res.error == "MemoryError: out of memory in a test"
+    assert res.status == "failed" and res.error.splitlines()[0] == "MemoryError: out of memory in a test"
+    assert "at test_trial.py:" in res.error and "in boom" in res.error.splitlines()[-1]  # where it failed
     assert res.finished_at is not None and res.updates == 0
 
 

@@ -7,7 +7,6 @@ engine is a module here with ``run_group(specs) -> list[TrialResult]`` and a lin
 from __future__ import annotations
 
 import importlib
-import traceback
 from typing import Sequence
 
 from harness.grid import TrialSpec
@@ -28,5 +27,4 @@ def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
     try:
         return engine.run_group(specs)
     except Exception as exc:  # noqa: BLE001
-        detail = f"{type(exc).__name__}: {exc} ({traceback.extract_tb(exc.__traceback__)[-1].name})"
-        return [failed_result(s, detail) for s in specs]
+        return [failed_result(s, exc) for s in specs]
