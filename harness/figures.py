@@ -168,7 +168,7 @@ def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
         vmin, vmax = vmin - 0.01, vmax + 0.01
     cmap = sns.color_palette("viridis", as_cmap=True)
     with plot_style():
-        fig = new_figure(max(7.0, 1.3 * len(sizes) + 2.6), 0.75 * len(rates) + 2.4)
+        fig = new_figure(max(7.0, 1.6 * len(sizes) + 2.6), 0.75 * len(rates) + 2.4)
         ax = fig.subplots()
         sns.heatmap(grid, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, linewidths=1.5, linecolor="white",
                     cbar_kws={"label": "final test accuracy"}, xticklabels=[f"{b:g}" for b in sizes],
@@ -180,7 +180,7 @@ def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
         ax.set_xlabel("batch size (log2 order)")
         ax.set_ylabel("learning rate")
         ax.tick_params(axis="y", rotation=0)
-        add_caption(fig, "mean ± 95% CI half-width over the n ok seeds of a cell\n"
+        add_caption(fig, "mean [95% CI: Student t over the n ok seeds of a cell, clipped to [0, 1]]\n"
                       "hatched: no ok seed (all diverged, failed or not run)\n"
                       "red frame: some seeds diverged or failed; they are left out of the mean")
         add_title(fig, "Final test accuracy", note)
@@ -200,8 +200,9 @@ def _annotate_cell(ax, i: int, j: int, row, expected: int | None, cmap, vmin: fl
         return
     shade = cmap((row.test_acc_mean - vmin) / (vmax - vmin))
     ink = "black" if 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] > 0.5 else "white"
-    half = row.test_acc_ci_high - row.test_acc_mean
-    lines = [f"{row.test_acc_mean:.3f}" + (f" ±{half:.3f}" if np.isfinite(half) else ""), f"n={row.ok}"]
+    # The interval, not mean ± half-width: clipped to [0, 1] it need not be symmetric.
+    interval = f" [{row.test_acc_ci_low:.2f}, {row.test_acc_ci_high:.2f}]" if np.isfinite(row.test_acc_ci_low) else ""
+    lines = [f"{row.test_acc_mean:.3f}{interval}", f"n={row.ok}"]
     lost = [f"{k} {s}" for s, k in (("diverged", row.diverged), ("failed", row.failed)) if k]
     if expected and row.trials < expected:
         lost.append(f"{expected - row.trials} pending")

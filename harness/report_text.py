@@ -64,7 +64,7 @@ def markdown_rows(table: pd.DataFrame, target: float) -> pd.DataFrame:
             "updates": _clock(r.updates_mean, ",.0f"),
             f"epochs to {t}": _clock(r.epochs_to_target, ".3g"),
             f"updates to {t}": _clock(r.updates_to_target, ",.0f"),
-            f"seconds to {t}": _seconds(r.seconds_to_target) + (star if math.isfinite(r.seconds_to_target) else ""),
+            f"seconds to {t}": _seconds(r.seconds_to_target),
             "diverged": "—" if r.share_diverged != r.share_diverged else f"{r.share_diverged:.0%}",
         })
         rows.append(row)
@@ -84,17 +84,25 @@ def markdown_table(table: pd.DataFrame, target: float) -> str:
 
 DEFINITIONS = """\
 - **Three clocks.** *Epochs to target* counts passes over the training data, *updates to target*
-  counts optimizer steps, *seconds to target* counts wall-clock training time (including the
-  per-epoch test evaluation). Each is the first epoch at which the test accuracy reaches the
-  target, so all three are only as fine as one epoch. Per cell the median over seeds is shown;
-  a seed that never reaches the target (or diverges) counts as infinitely slow, so a cell reads
-  "not reached" once half of its seeds miss.
+  counts optimizer steps, *seconds to target* is updates to target times the timing probe's
+  seconds per update (one Keras model alone on one thread), or without a probe an isolated
+  trial's own clock. Each is read at the first point of the update clock at which the accuracy
+  on the selection split reaches the target, so it is as fine as one clock point (one epoch
+  for results written before the clock). Per cell the median over seeds is shown; a seed that
+  never reaches the target (or diverges) counts as infinitely slow, so a cell reads "not
+  reached" once half of its seeds miss.
 - **Accuracies** are the final train/test accuracy of the trials that finished ok; the 95% interval
-  is Student's t over seeds (none with one seed). Diverged and failed trials are counted, never
-  averaged in.
-- **Best learning rate**: by final accuracy, the highest mean test accuracy among rates where no
-  seed diverged; by updates, the fewest median updates to target. Ties go to the smaller rate.
-- **Share diverged** is diverged / (ok + diverged); failed trials (exceptions) are not outcomes.
+  is Student's t over seeds, clipped to [0, 1] (none with one seed). Diverged and failed trials are
+  counted, never averaged in.
+- **Selection**: the best learning rate is chosen on the validation split when the grid has one
+  (`n_val`), else on the test set (and the figures say so); by final accuracy, the highest mean
+  among rates where no seed diverged; by updates, the fewest median updates to target. Ties go
+  to the smaller rate.
+- **Diverged**: the loss became non-finite or exceeded `divergence_factor` times its initial value.
+  **Share diverged** is diverged / (ok + diverged); failed trials (exceptions) are not outcomes.
+- **Critical batch size** B_crit: fitted to S = S_min(1 + B_crit/B) over the steps to a target at
+  each batch size's best setting (McCandlish et al. 2018), with a bootstrap interval over seeds;
+  **B_simple** = tr(Σ)/|G|², the gradient noise scale from exact per-example gradients.
 - **Reference** values are the original single runs of the classic study (harness/data/reference.json),
   shown only for cells with exactly the reference setting.
 """
@@ -116,7 +124,8 @@ def render_report(results_dir: Path, trials: pd.DataFrame, runs: list[dict], tar
     out = [f"# Batch-size study: {results_dir.name}", "",
            f"Generated {now} from `{results_dir}`: {len(trials)} trials "
            f"({status.get('ok', 0)} ok, {status.get('diverged', 0)} diverged, {status.get('failed', 0)} failed) "
-           f"from {trials['run_id'].nunique()} run(s); target test accuracy {target:g}.", ""]
+           f"from {trials['run_id'].nunique()} run(s); target accuracy {target:g} (on the validation split where the study "
+           f"has one, else the test set).", ""]
     partial = [s.note for s in sections if s.note]
     if partial:
         out += ["> **Partial results:** " + "; ".join(f"{s.label + ': ' if s.label else ''}"

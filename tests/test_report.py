@@ -432,5 +432,5 @@ def test_end_to_end_run_then_report(tmp_path, capsys):
     assert "Partial" not in report and "Skipped" not in report
     assert "### Critical batch size" in report and "B_crit = " in report
     assert "planned grid unknown" not in report  # the run's grid file was found through runs/*.json
-    assert "target test accuracy 0.75" in report and "fused groups" in report
+    assert "target accuracy 0.75 (on the validation split" in report and "fused groups" in report
     assert (out / "summary.md").read_text().startswith("| batch size | lr |")
