@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {value:g}")
+    return value
+
+
 def _results_path(text: str) -> Path:
     """A folder path, or a file:// URI read through pyarrow's filesystems. The store needs file
     locks and atomic renames, so other schemes (s3://, gs://, hdfs://) must be mounted first."""
@@ -73,6 +83,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="move existing results aside (kept, renamed) and start anew")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     p.add_argument("--yes", action="store_true", help=f"allow grids of more than {LARGE_GRID_TRIALS:,} trials")
+    p.add_argument("--flush-seconds", type=_seconds, default=5.0, metavar="S",
+                   help="write finished trials at least every S seconds (default 5; 0 = as each arrives): "
+                        "a killed run loses at most that much finished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show Ray and TensorFlow logs from workers")
     return p
@@ -128,7 +141,7 @@ def run_main(argv: list[str] | None = None) -> int:
         # the run stops cleanly, keeps what finished and says how to resume.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         summary = driver.run_study(grid, results_dir, backend, retry_failed=args.retry_failed,
-                                   progress=not args.quiet,
+                                   progress=not args.quiet, flush_s=args.flush_seconds,
                                    meta_extra={"address": args.address or os.environ.get("RAY_ADDRESS"),
                                                "cpus_per_trial": args.cpus_per_trial,
                                                "engine_override": args.engine,
@@ -190,10 +203,36 @@ def report_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compact_main(argv: list[str] | None = None) -> int:
+    """`harness compact DIR`: merge a results folder's part files, one per table (a run does this
+    at its end; this is for folders left by killed runs, or before copying results around)."""
+    from harness import store
+    from harness.compaction import compact
+
+    prog = "harness compact"
+    parser = _Parser(prog=prog, description="Merge a results folder's part files into one per table.")
+    parser.add_argument("results_dir", type=_results_path, help="results folder written by 'harness run'")
+    try:
+        args = parser.parse_args(argv)
+        if not store.is_results_dir(args.results_dir):
+            raise UsageError(f"{args.results_dir}: not a results folder (no trials/ or runs/ inside)")
+        with store.locked(args.results_dir):
+            done = compact(args.results_dir)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, store.StoreError) as exc:
+        return _fail(prog, str(exc))
+    print(f"{prog}: {args.results_dir}: {done.trials} trials, {done.files_before} part files -> {done.files_after}")
+    return 0
+
+
+COMMANDS = {"run": run_main, "report": report_main, "compact": compact_main}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`harness run ...` or `harness report ...`."""
+    """`harness run ...`, `harness report ...` or `harness compact ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report"):
-        print("usage: harness {run,report} ... (see harness run --help, harness report --help)", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: harness {run,report,compact} ... (see harness <command> --help)", file=sys.stderr)
         return 2
-    return (run_main if argv[0] == "run" else report_main)(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harness import probe, store
+from harness.compaction import compact
 from harness.config import GridConfig
 from harness.plan import Plan, plan_run
 from harness.scheduler import Backend
@@ -54,6 +56,49 @@ class RunSummary:
         return line
 
 
+class BufferedWriter:
+    """Finished trials buffered and written as one part per table: when ``max_trials`` are
+    waiting, and by a timer thread once the oldest has waited ``max_age_s``, so a 100,000-trial
+    grid leaves hundreds of files rather than hundreds of thousands, and a killed run loses at
+    most the last few seconds of results (plus the trials in flight)."""
+
+    def __init__(self, results_dir: Path, run_id: str, max_trials: int = 2000, max_age_s: float = 5.0):
+        self.results_dir, self.run_id, self.max_trials, self.max_age_s = results_dir, run_id, max_trials, max_age_s
+        self.pending: list = []
+        self.oldest = 0.0
+        self.seq = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="harness-flush", daemon=True)
+        self._timer.start()
+
+    def add(self, results) -> None:
+        with self._lock:
+            if not self.pending:
+                self.oldest = time.monotonic()
+            self.pending.extend(results)
+            if len(self.pending) >= self.max_trials or self.max_age_s <= 0:
+                self._flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(1.0, max(self.max_age_s, 0.1))):
+            with self._lock:
+                if self.pending and time.monotonic() - self.oldest >= self.max_age_s:
+                    self._flush()
+
+    def _flush(self) -> None:
+        store.write_results(self.results_dir, self.pending, self.run_id, self.seq)
+        self.pending, self.seq = [], self.seq + 1
+
+    def close(self) -> None:
+        """Write what is still buffered and stop the timer."""
+        self._stop.set()
+        self._timer.join()
+        with self._lock:
+            if self.pending:
+                self._flush()
+
+
 @contextlib.contextmanager
 def announced_set_asides() -> Iterator[list[str]]:
     """Every file the store moves (or would move) to set-aside/ inside the block, named on
@@ -95,12 +140,13 @@ def _measure_probes(todo: list, results_dir: Path, backend: Backend, run_id: str
 
 
 def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_failed: bool = False,
-              progress: bool = True, meta_extra: dict | None = None) -> RunSummary:
+              progress: bool = True, meta_extra: dict | None = None, flush_s: float = 5.0) -> RunSummary:
     """Train every unfinished trial of ``grid`` into ``results_dir``; resumable at any point.
 
-    Holds the folder's lock for the whole run. Each group's results are written the moment
-    they arrive, so an interrupted run keeps all that finished. KeyboardInterrupt stops the
-    run, keeps what was written and returns with ``interrupted`` set.
+    Holds the folder's lock for the whole run. Results are written within seconds of
+    arriving (BufferedWriter), so an interrupted run keeps all that finished, and the parts are
+    compacted at the end. KeyboardInterrupt stops the run, writes what arrived and returns with
+    ``interrupted`` set.
     """
     started = utc_now()
     t0 = time.perf_counter()
@@ -123,13 +169,14 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
                  "trials_to_run": len(plan.todo), "argv": sys.argv, **(meta_extra or {})}))
         bar = _progress(sum(s.planned_updates for s in plan.todo), grid.name, progress and bool(plan.todo))
         results_iter = iter([])
+        writer = BufferedWriter(results_dir, run_id, max_age_s=flush_s)
         try:
             if probes:
                 _measure_probes(probes, results_dir, backend, run_id)
             # No work, no backend: a finished grid reruns in a blink, without starting Ray.
             results_iter = backend.run(group_specs(plan.todo)) if plan.todo else iter([])
-            for seq, results in enumerate(results_iter):
-                store.write_results(results_dir, results, run_id, seq)
+            for results in results_iter:
+                writer.add(results)
                 summary.statuses.update(r.status for r in results)
                 bar.update(sum(r.spec.planned_updates for r in results))
                 bar.set_postfix(trials=f"{summary.ran}/{len(plan.todo)}", failed=summary.statuses["failed"],
@@ -139,9 +186,12 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
         finally:
             if hasattr(results_iter, "close"):
                 results_iter.close()  # cancels tasks in flight
+            writer.close()
             if plan.todo or probes:
                 backend.close()  # shuts down a Ray it started
             bar.close()
+        if plan.todo and not summary.interrupted:  # Ctrl-C wants out now; the next run compacts
+            compact(results_dir)
         summary.grid_failed = plan.kept_failed + summary.statuses["failed"]
     summary.elapsed_s = time.perf_counter() - t0
     return summary

@@ -37,7 +37,7 @@ TRIALS, EPOCHS, POINTS, PROBES, RUNS, SET_ASIDE = "trials", "epochs", "points", 
 CURVES = (POINTS, EPOCHS)  # per-trial tables written before (and only with) their trials part
 _VERSION_KEY = b"harness.schema_version"
 _RUN_KEY = b"harness.run_id"
-_SCHEMAS = {TRIALS: TRIAL_SCHEMA, EPOCHS: EPOCH_SCHEMA, POINTS: POINT_SCHEMA, PROBES: PROBE_SCHEMA}
+SCHEMAS = {TRIALS: TRIAL_SCHEMA, EPOCHS: EPOCH_SCHEMA, POINTS: POINT_SCHEMA, PROBES: PROBE_SCHEMA}
 
 
 class StoreError(RuntimeError):
@@ -73,8 +73,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _with_version(schema: pa.Schema, run_id: str) -> pa.Schema:
-    return schema.with_metadata({_VERSION_KEY: str(SCHEMA_VERSION).encode(), _RUN_KEY: run_id.encode()})
+def with_version(schema: pa.Schema, run_id: str, replaces: Sequence[str] = ()) -> pa.Schema:
+    meta = {_VERSION_KEY: str(SCHEMA_VERSION).encode(), _RUN_KEY: run_id.encode()}
+    if replaces:
+        meta[_REPLACES_KEY] = json.dumps(sorted(replaces)).encode()
+    return schema.with_metadata(meta)
 
 
 def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
@@ -85,15 +88,15 @@ def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
         values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("spec", "epochs", "points")}
         values.update(result.spec.config_values(), trial_id=result.trial_id, run_id=run_id)
         rows.append({name: values[name] for name in TRIAL_SCHEMA.names})
-    return pa.Table.from_pylist(rows, schema=_with_version(TRIAL_SCHEMA, run_id))
+    return pa.Table.from_pylist(rows, schema=with_version(TRIAL_SCHEMA, run_id))
 
 
 def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Table:
     """The epochs or points of ``results`` (TrialResult.epochs / .points), one row per record."""
-    schema = _SCHEMAS[kind]
+    schema = SCHEMAS[kind]
     rows = [{"trial_id": r.trial_id, **dataclasses.asdict(e)} for r in results for e in getattr(r, kind)]
     rows = [{name: row[name] for name in schema.names} for row in rows]
-    return pa.Table.from_pylist(rows, schema=_with_version(schema, run_id))
+    return pa.Table.from_pylist(rows, schema=with_version(schema, run_id))
 
 
 def epochs_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
@@ -118,7 +121,7 @@ def write_probes(results_dir: Path, rows: Sequence[dict], run_id: str) -> None:
         return
     (results_dir / PROBES).mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{**row, "run_id": run_id} for row in rows],
-                                 schema=_with_version(PROBE_SCHEMA, run_id))
+                                 schema=with_version(PROBE_SCHEMA, run_id))
     write_atomic(table, results_dir / PROBES / f"part-{run_id}.parquet")
 
 
@@ -127,6 +130,35 @@ def _parts(results_dir: Path, kind: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+
+
+COMPACTED = "part-compact-"  # prefix of a part that replaces others (harness.compaction)
+_REPLACES_KEY = b"harness.replaces"
+
+
+def replaced_parts(results_dir: Path) -> set[str]:
+    """Names of the parts that compacted trials parts replace: readers skip them (in every kind:
+    a flush's parts share one name), and the next compaction or resume deletes them."""
+    replaced: set[str] = set()
+    for path in _parts(results_dir, TRIALS):
+        if path.name.startswith(COMPACTED):
+            try:
+                replaced.update(json.loads((pq.read_schema(path).metadata or {}).get(_REPLACES_KEY, b"[]")))
+            except Exception:  # noqa: BLE001 - an unreadable part is set aside by read_table
+                continue
+    return replaced
+
+
+def live_parts(results_dir: Path, kind: str) -> list[Path]:
+    """The parts a reader reads: not replaced by a compacted part, and for the curve tables only
+    those whose trials part has landed (the trials part is every flush's commit point), so that
+    each trial is read exactly once at every moment of a flush or a compaction."""
+    replaced = replaced_parts(results_dir) if kind != PROBES else set()
+    parts = [p for p in _parts(results_dir, kind) if p.name not in replaced]
+    if kind in CURVES:
+        committed = {p.name for p in _parts(results_dir, TRIALS)}
+        parts = [p for p in parts if p.name in committed]
+    return parts
 
 
 def check_part(path: Path, kind: str) -> None:
@@ -146,7 +178,7 @@ def check_part(path: Path, kind: str) -> None:
             f"{', '.join(map(str, READABLE_VERSIONS))}; use the harness version that wrote it, or start anew "
             f"with --fresh (the old folder is kept)")
     added = v1_defaults() if version == "1" and kind == TRIALS else {}
-    missing = [n for n in _SCHEMAS[kind].names if n not in schema.names and n not in added]
+    missing = [n for n in SCHEMAS[kind].names if n not in schema.names and n not in added]
     if missing:
         raise StoreError(f"{path}: missing columns {', '.join(missing)}; not a harness {kind} file")
 
@@ -176,6 +208,14 @@ def set_aside(results_dir: Path, path: Path, reason: str) -> Path:
     return target
 
 
+def read_part(path: Path, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One part, checked (StoreError if it is not ours) and upgraded to the current columns."""
+    check_part(path, kind)
+    present = pq.read_schema(path).names
+    wanted = [c for c in columns if c in present] if columns else None
+    return _upgrade(pq.read_table(path, columns=wanted), kind)
+
+
 def _handle_bad(results_dir: Path, path: Path, reason: str, on_bad: str) -> None:
     if on_bad == "report":  # a dry run: read-only, but say what a run would do
         warnings.warn(SetAsideWarning(f"{reason}; a run would move it to {results_dir / SET_ASIDE}"), stacklevel=3)
@@ -188,12 +228,9 @@ def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = Non
     """All parts of ``kind`` as one table. ``on_bad``: 'raise' a StoreError, 'set-aside' (move the
     file there, with a SetAsideWarning) or 'report' (leave it, warn what a run would do)."""
     tables = []
-    for path in _parts(results_dir, kind):
+    for path in live_parts(results_dir, kind):
         try:
-            check_part(path, kind)
-            present = pq.read_schema(path).names
-            wanted = [c for c in columns if c in present] if columns else None
-            tables.append(_upgrade(pq.read_table(path, columns=wanted), kind))
+            tables.append(read_part(path, kind, columns))
         except StoreError as exc:
             if on_bad == "raise" or isinstance(exc, SchemaVersionError):
                 raise
@@ -202,7 +239,7 @@ def read_table(results_dir: Path, kind: str, columns: Sequence[str] | None = Non
             if on_bad == "raise":
                 raise StoreError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
             _handle_bad(results_dir, path, f"{path}: cannot be read", on_bad)
-    schema = _SCHEMAS[kind]
+    schema = SCHEMAS[kind]
     if columns:
         schema = pa.schema([schema.field(c) for c in columns])
     if not tables:
@@ -229,13 +266,17 @@ def read_probes(results_dir: Path | str):
 
 
 def drop_orphan_epochs(results_dir: Path) -> list[Path]:
-    """Remove epochs and points parts whose trials part never landed (a flush cut short by a
-    kill): their trials have no row, so they will run again and write their curves anew."""
+    """Remove what a kill left behind: epochs and points parts whose trials part never landed
+    (a flush or compaction cut short; their trials have no row, or are still read from the
+    parts they were to replace), and parts a finished compaction replaced but had not yet
+    deleted. Readers already skip both, so removing them changes nothing anyone reads."""
     committed = {p.name for p in _parts(results_dir, TRIALS)}
-    orphans = [p for kind in CURVES for p in _parts(results_dir, kind) if p.name not in committed]
-    for path in orphans:
-        path.unlink()
-    return orphans
+    replaced = replaced_parts(results_dir)
+    stale = [p for kind in CURVES for p in _parts(results_dir, kind) if p.name not in committed]
+    stale += [p for kind in (TRIALS, *CURVES) for p in _parts(results_dir, kind) if p.name in replaced]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def finished_trials(results_dir: Path, move: bool = True) -> dict[str, str]:
@@ -253,7 +294,7 @@ def remove_trials(results_dir: Path, trial_ids: set[str]) -> int:
     removed = 0
     ids = pa.array(sorted(trial_ids), type=pa.string())
     for kind in (TRIALS, *CURVES):
-        for path in _parts(results_dir, kind):
+        for path in live_parts(results_dir, kind):
             table = pq.read_table(path)
             hit = pc.is_in(table.column("trial_id"), value_set=ids)
             n_hit = pc.sum(hit).as_py() or 0
