@@ -41,7 +41,7 @@ ISOLATED, AMORTIZED = "isolated", "amortized (fused group)"
 # one of its trials has exactly these values (the engine may differ: engines are equivalent).
 REFERENCE_CONFIG = {
     "dataset": "blobs", "n_samples": 1000, "centers": 3, "n_features": 2, "cluster_std": 2.0,
-    "random_state": 2, "n_train": 500, "hidden_units": 50, "activation": "relu",
+    "random_state": 2, "n_train": 500, "standardize": "none", "hidden_units": 50, "activation": "relu",
     "kernel_initializer": "he_uniform", "optimizer": "sgd", "momentum": 0.9, "epochs": 200,
 }
 

@@ -130,7 +130,10 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.dry_run:  # strictly read-only: what a run would set aside is reported, not moved
             with driver.announced_set_asides():
                 on_disk = store.finished_trials(results_dir, move=False) if not args.fresh else {}
-            print(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name))
+            # Without joining a cluster: sized for this machine's cores, or --max-concurrent.
+            slots = 1 if args.backend == "serial" else (args.max_concurrent or
+                                                        max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
+            print(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name, slots))
             return 0
         if args.fresh:
             with store.locked(results_dir):

@@ -20,16 +20,32 @@ from harness.grid import TrialSpec
 SCHEDULES = ("epoch", "geometric")
 
 
+def _geometric(total: int, per_octave: int) -> set[int]:
+    """Update 0, round(2^(i/k)) for every i up to the last update, and the last update."""
+    if total < 1:
+        return {0}
+    steps = int(math.floor(math.log2(total) * per_octave)) + 1
+    return {0, total, *(int(round(2.0 ** (i / per_octave))) for i in range(steps))}
+
+
 def eval_points(spec: TrialSpec) -> np.ndarray:
     """Sorted, distinct update counts (int64) at which ``spec`` is evaluated, 0 included."""
     per_epoch, total = spec.updates_per_epoch, spec.planned_updates
     points = {0, *range(per_epoch, total + 1, per_epoch)}
-    if spec.train.eval_schedule == "geometric" and total >= 1:
-        k = spec.train.eval_points_per_octave
-        octaves = math.log2(total)
-        points.update(int(round(2.0 ** (i / k))) for i in range(int(math.floor(octaves * k)) + 1))
-        points.add(total)
+    if spec.train.eval_schedule == "geometric":
+        points |= _geometric(total, spec.train.eval_points_per_octave)
     return np.array(sorted(p for p in points if p <= total), dtype=np.int64)
+
+
+def noise_points(spec: TrialSpec) -> np.ndarray:
+    """The points at which the gradient noise scale is measured: the geometric clock's own
+    points, not every epoch end (B_simple costs about eight scoring passes, and octave
+    resolution is what a B_simple curve needs); none on the epoch clock, which stays as cheap
+    as the reference study."""
+    if spec.train.eval_schedule != "geometric":
+        return np.array([], dtype=np.int64)
+    geometric = _geometric(spec.planned_updates, spec.train.eval_points_per_octave)
+    return np.array(sorted(p for p in geometric if p <= spec.planned_updates), dtype=np.int64)
 
 
 def examples_at(spec: TrialSpec, updates: int) -> int:

@@ -16,12 +16,15 @@ from typing import Any, Mapping
 
 import yaml
 
+from harness import datasets
+
 
 class ConfigError(ValueError):
     """A grid file or option is invalid; the message is one line meant for the user."""
 
 
-DATASETS = ("blobs",)
+DATASETS = tuple(datasets.BUILT_IN)  # plus installed entry points: harness.datasets.names()
+STANDARDIZE = ("none", "zscore")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITIALIZERS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal")
 OPTIMIZERS = ("sgd",)
@@ -39,16 +42,33 @@ def neutral(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class ProblemConfig:
-    """The data set; it depends only on these values, never on a trial's seed."""
+    """The data set; it depends only on these values, never on a trial's seed.
 
-    dataset: str = "blobs"
-    n_samples: int = 1000
-    centers: int = 3
-    n_features: int = 2
-    cluster_std: float = 2.0
-    random_state: int = 2
+    Which keys a data set reads is declared in harness.datasets (BUILT_IN); a grid that sets a
+    key its data set ignores is refused, so a setting never looks as if it mattered when it did
+    not. Keys added for the other generators default to scikit-learn's own defaults."""
+
+    dataset: str = "blobs"  # harness.datasets.names(): built-ins and installed entry points
+    n_samples: int = 1000  # blobs, moons, circles, classification
+    centers: int = 3  # blobs
+    n_features: int = 2  # blobs, classification
+    cluster_std: float = 2.0  # blobs
+    random_state: int = 2  # blobs, moons, circles, classification; digits: the one shuffle of its rows
     n_train: int = 500  # the first n_train rows train,
     n_val: int = neutral(0)  # the next n_val validate (choose settings on), the rest test
+    standardize: str = neutral("none")  # zscore: features scaled by the training rows' mean and std
+    noise: float = neutral(0.0)  # moons, circles: std of the Gaussian noise added to each point
+    factor: float = neutral(0.8)  # circles: inner circle's radius over the outer's
+    n_informative: int = neutral(2)  # classification: features that carry the classes
+    n_classes: int = neutral(2)  # classification
+    class_sep: float = neutral(1.0)  # classification: hypercube side; larger is easier
+    # file: CSV or Parquet, relative to the grid file (stored absolute). Not in the trial id:
+    # file_sha256 is, so the same content moved elsewhere keeps its trials' ids.
+    path: str = field(default="", metadata={**ID_NEUTRAL, "not_in_id": True})
+    label_column: str = neutral("label")  # file: the class column; every other column is a feature
+    # file: filled by the loader (or pinned by the grid). In the trial id, so results of one
+    # file's content never mix with another's; a worker refuses a file that no longer matches.
+    file_sha256: str = neutral("")
 
 
 @dataclass(frozen=True)
@@ -80,9 +100,10 @@ def _kind(f: dataclasses.Field) -> type:
 
 
 def identity(section: Any) -> dict[str, Any]:
-    """A config section as its trial id sees it: every value, but id-neutral ones at their default."""
-    return {f.name: getattr(section, f.name) for f in fields(section)
-            if not (f.metadata.get("id_neutral") and getattr(section, f.name) == f.default)}
+    """A config section as its trial id sees it: every value, but id-neutral ones at their
+    default and where a file lives (its content's hash is in)."""
+    return {f.name: getattr(section, f.name) for f in fields(section) if not f.metadata.get("not_in_id")
+            and not (f.metadata.get("id_neutral") and getattr(section, f.name) == f.default)}
 
 
 # Axes every sweep must list: they are what a batch-size study is about.
@@ -96,7 +117,7 @@ SWEEPABLE: dict[str, tuple[str | None, type]] = {
     **{f.name: (section, _kind(f)) for section in ("model", "train") for f in fields(SECTIONS[section])},
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": DATASETS, "activation": ACTIVATIONS, "kernel_initializer": INITIALIZERS,
+    "standardize": STANDARDIZE, "activation": ACTIVATIONS, "kernel_initializer": INITIALIZERS,
     "optimizer": OPTIMIZERS, "engine": ENGINES, "eval_schedule": EVAL_SCHEDULES,
 }
 
@@ -157,15 +178,19 @@ def _check_range(where: str, key: str, value: Any) -> None:
         raise ConfigError(
             f"{where}: '{key}' is {value!r}; valid choices: {', '.join(CHOICES[key])}{_suggest(str(value), CHOICES[key])}")
     positive = {"batch_size", "learning_rate", "epochs", "hidden_units", "n_samples", "n_train",
-                "n_features", "cluster_std"}
+                "n_features", "cluster_std", "n_informative", "class_sep"}
     if key in positive and value <= 0:
         raise ConfigError(f"{where}: '{key}' must be positive, got {value!r}")
     if key in ("seed", "random_state", "n_val") and value < 0:
         raise ConfigError(f"{where}: '{key}' must be zero or more, got {value!r}")
     if key == "momentum" and not 0.0 <= value < 1.0:
         raise ConfigError(f"{where}: 'momentum' must be in [0, 1), got {value!r}")
-    if key == "centers" and value < 2:
-        raise ConfigError(f"{where}: 'centers' must be at least 2, got {value!r}")
+    if key in ("centers", "n_classes") and value < 2:
+        raise ConfigError(f"{where}: '{key}' must be at least 2, got {value!r}")
+    if key == "noise" and value < 0:
+        raise ConfigError(f"{where}: 'noise' must be zero or more, got {value!r}")
+    if key == "factor" and not 0.0 <= value < 1.0:
+        raise ConfigError(f"{where}: 'factor' must be in [0, 1) (the inner circle inside the outer), got {value!r}")
     if key == "eval_points_per_octave" and not 1 <= value <= 64:
         raise ConfigError(f"{where}: 'eval_points_per_octave' must be in 1..64, got {value!r}")
     if key == "divergence_factor" and not value > 1.0:
@@ -182,6 +207,32 @@ def _section(where: str, raw: Any, cls: type, name: str) -> Any:
     _reject_unknown(where, raw, valid, name)
     kinds = {f.name: _kind(f) for f in fields(cls)}
     return cls(**{k: coerce(where, k, v, kinds[k]) for k, v in raw.items()})
+
+
+def _problem(where: str, raw: Any) -> ProblemConfig:
+    """The problem section, checked against its data set: known name, only keys it reads, data
+    that can be loaded (a file is read here: path made absolute, SHA-256 recorded), and enough
+    rows for the split."""
+    problem = _section(where, raw, ProblemConfig, "problem")
+    try:
+        data_set = datasets.lookup(problem.dataset)
+        if data_set.keys is not None:
+            takes = (*data_set.keys, *datasets.COMMON_KEYS)
+            for key in raw or {}:
+                if key not in takes:
+                    raise ConfigError(
+                        f"{where}: 'problem.{key}' does not apply to data set '{problem.dataset}'; it takes "
+                        f"{', '.join(data_set.keys)} (and {', '.join(datasets.COMMON_KEYS[1:])}, as every data set does)")
+        problem, rows = datasets.prepare(problem, Path(where).parent)
+    except datasets.DataError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if problem.n_train + problem.n_val >= rows:
+        split = "'problem.n_train' + 'problem.n_val'" if problem.n_val else "'problem.n_train'"
+        source = ("'problem.n_samples'" if data_set.keys and "n_samples" in data_set.keys
+                  else f"the rows of data set '{problem.dataset}'")
+        raise ConfigError(f"{where}: {split} ({problem.n_train + problem.n_val}) must be below "
+                          f"{source} ({rows}) to leave a test set")
+    return problem
 
 
 def _sweep_block(where: str, raw: Any, label: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -219,13 +270,9 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name):
         raise ConfigError(f"{where}: 'name' must be a plain identifier (letters, digits, '_' or '-', "
                           f"no path separators), got {name!r}")
-    problem = _section(where, raw.get("problem"), ProblemConfig, "problem")
+    problem = _problem(where, raw.get("problem"))
     model = _section(where, raw.get("model"), ModelConfig, "model")
     train = _section(where, raw.get("train"), TrainConfig, "train")
-    if problem.n_train + problem.n_val >= problem.n_samples:
-        split = "'problem.n_train' + 'problem.n_val'" if problem.n_val else "'problem.n_train'"
-        raise ConfigError(f"{where}: {split} ({problem.n_train + problem.n_val}) must be below "
-                          f"'problem.n_samples' ({problem.n_samples}) to leave a test set")
     probe = raw.get("timing_probe", False)
     if not isinstance(probe, bool):
         raise ConfigError(f"{where}: 'timing_probe' must be true or false, got {probe!r}")

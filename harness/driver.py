@@ -17,7 +17,7 @@ from harness.config import GridConfig
 from harness.plan import Plan, plan_run
 from harness.scheduler import Backend
 from harness.schema import new_run_id, run_metadata, utc_now
-from harness.work import group_specs
+from harness.work import modelled_wall_s, plan_tasks
 
 
 @dataclass
@@ -174,7 +174,7 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             if probes:
                 _measure_probes(probes, results_dir, backend, run_id)
             # No work, no backend: a finished grid reruns in a blink, without starting Ray.
-            results_iter = backend.run(group_specs(plan.todo)) if plan.todo else iter([])
+            results_iter = backend.run(plan_tasks(plan.todo, backend.slots())) if plan.todo else iter([])
             for results in results_iter:
                 writer.add(results)
                 summary.statuses.update(r.status for r in results)
@@ -197,15 +197,17 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
     return summary
 
 
-def describe_plan(grid: GridConfig, plan: Plan, backend_name: str) -> str:
+def describe_plan(grid: GridConfig, plan: Plan, backend_name: str, slots: int = 1) -> str:
     """What --dry-run prints: counts, work units and the trials that would run."""
-    groups = group_specs(plan.todo)
+    groups = plan_tasks(plan.todo, slots)
     engines = Counter(s.train.engine for s in plan.todo)
     updates = sum(s.planned_updates for s in plan.todo)
     lines = [
         f"grid '{grid.name}' ({grid.path}): {len(plan.specs)} trials; {len(plan.specs) - len(plan.todo)} "
         f"already finished; {len(plan.todo)} would run as {len(groups)} tasks on the {backend_name} backend "
         f"({', '.join(f'{n} {e}' for e, n in sorted(engines.items())) or 'nothing'}; {updates:,} updates)",
+        f"sized for {slots} slot(s): about {modelled_wall_s(groups, slots):,.0f} s of training by the cost model "
+        f"(harness.work), start-up not included",
     ]
     if plan.kept_failed:
         lines.append(f"{plan.kept_failed} failed trials are kept as they are (--retry-failed runs them again)")

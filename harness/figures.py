@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -214,37 +215,53 @@ def _annotate_cell(ax, i: int, j: int, row, expected: int | None, cmap, vmin: fl
 
 
 def plot_data_set(trials: pd.DataFrame) -> Figure:
-    """The training and test points of the (single) problem in ``trials``, coloured by class."""
+    """The points of each split of the (single) problem in ``trials``, coloured by class. More
+    than two features are shown as a 2-D PCA projection fitted on the training rows (the
+    title says so), so every data set gets the same picture."""
     problem = problem_of(trials)
     data = make_data(problem)
+    splits = data.splits()
+    n_features = data.x_train.shape[1]
+    if n_features > 2:
+        from sklearn.decomposition import PCA
+
+        # Fitted on the training rows only, as the standardization is: the picture shows the
+        # other splits in the training rows' coordinates.
+        pca = PCA(n_components=2).fit(data.x_train)
+        project, names = pca.transform, ("PC 1", "PC 2")
+        shown = f"\n2-D PCA projection of its {n_features} features, fitted on the training rows"
+    else:
+        project, names, shown = (lambda x: x), ("x1", "x2"), ""
     frames = []
-    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        frames.append(pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)),
+    for split, (x, y) in splits.items():
+        xy = project(x)
+        frames.append(pd.DataFrame({names[0]: xy[:, 0], names[1]: xy[:, 1] if xy.shape[1] > 1 else np.zeros(len(x)),
                                     "class": [f"class {k}" for k in y.argmax(axis=1)], "split": split}))
     points = pd.concat(frames, ignore_index=True)
-    classes = sorted(points["class"].unique())
+    classes = [f"class {k}" for k in range(data.n_classes)]
     with plot_style():
-        fig = new_figure(9.0, 4.6)
-        axes = fig.subplots(1, 2, sharex=True, sharey=True)
-        for ax, split in zip(axes, ("train", "test")):
+        fig = new_figure(1.0 + 4.0 * len(splits), 4.6)
+        axes = fig.subplots(1, len(splits), sharex=True, sharey=True, squeeze=False)[0]
+        for ax, split in zip(axes, splits):
             part = points[points["split"] == split]
-            sns.scatterplot(part, x="x1", y="x2", hue="class", hue_order=classes, palette="deep", s=14,
+            sns.scatterplot(part, x=names[0], y=names[1], hue="class", hue_order=classes, palette="deep", s=14,
                             alpha=0.75, linewidth=0, ax=ax, legend=split == "test")
             ax.set_title(f"{split}: {len(part)} points")
             ax.set_aspect("equal", adjustable="box")
-        sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title=None)
-        shown = f" (features 1 and 2 of {problem.n_features})" if problem.n_features > 2 else ""
-        add_title(fig, f"Data set: {problem.dataset}, {problem.centers} classes, cluster std {problem.cluster_std:g}, "
-                    f"{problem.n_samples} samples{shown}")
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title=None)
+        name = f"file {Path(problem.path).name}" if problem.dataset == "file" else problem.dataset
+        rows = ", ".join(f"{len(x)} {split}" for split, (x, _) in splits.items())
+        add_title(fig, f"Data set: {name}, {data.n_classes} classes, {len(points)} rows ({rows}){shown}")
     return fig
 
 
 def problem_of(trials: pd.DataFrame) -> ProblemConfig:
-    """The ProblemConfig the trials were run on; ValueError if they mix several."""
-    names = [f.name for f in dataclasses.fields(ProblemConfig)]
-    distinct = trials[names].drop_duplicates()
+    """The ProblemConfig the trials were run on; ValueError if they mix several. Keys a frame
+    lacks (results written before the key existed) take their defaults, as those trials did."""
+    present = [f for f in dataclasses.fields(ProblemConfig) if f.name in trials.columns]
+    distinct = trials[[f.name for f in present]].drop_duplicates()
     if len(distinct) != 1:
         raise ValueError(f"trials hold {len(distinct)} problems; plot one at a time")
     kinds = {"int": int, "float": float, "str": str}
     row = distinct.iloc[0]
-    return ProblemConfig(**{f.name: kinds[f.type](row[f.name]) for f in dataclasses.fields(ProblemConfig)})
+    return ProblemConfig(**{f.name: kinds[f.type](row[f.name]) for f in present})

@@ -100,7 +100,7 @@ def _layers(weights: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]
 def _activate(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(a, da/dz) with TensorFlow's derivatives (ReLU masks on z > 0)."""
     if name == "relu":
-        return np.maximum(z, 0.0), (z > 0).astype(np.float64)
+        return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
     if name == "tanh":
         a = np.tanh(z)
         return a, 1.0 - a * a
@@ -157,35 +157,47 @@ def mlp_noise_scale(weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray,
 def gradient_noise(weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray,
                    activation: str) -> tuple[np.ndarray, np.ndarray]:
     """The same (|G|^2 [M], tr(Σ) [M]) as ``mlp_noise_scale``, without forming the [M, n, P]
-    per-example gradients: what the engines call at every point of the update clock.
+    per-example gradients: what the engines call at the points of the geometric clock.
 
     A dense layer's gradient for row i is the outer product of its input a_i and its error d_i,
     so its squared norm with the bias is (|a_i|^2 + 1)|d_i|^2 (Goodfellow 2015, "Efficient
     per-example gradient computations"); then tr(Σ) = (Σ_i |g_i|^2 − n|G|^2)/(n − 1) needs one
-    forward and one backward pass. In float64 the subtraction keeps ~12 digits where B_simple is
-    1e4; ``mlp_noise_scale`` (spread around the mean, no subtraction) checks it in the tests."""
-    layers = _layers(weights)
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    forward and one backward pass. The passes run in float32 (the engines' precision; half the
+    time of float64) and the sums in float64; the subtraction only loses digits when
+    tr(Σ) ≪ |G|^2, i.e. B_simple ≪ 1. ``mlp_noise_scale`` checks it in the tests."""
+    f32 = np.float32
+    layers = [(w.astype(f32), b.astype(f32)) for w, b in _layers(weights)]
+    x, y = np.asarray(x, f32), np.asarray(y, f32)
     m, n = layers[0][0].shape[0], x.shape[0]
     inputs, slopes = [np.broadcast_to(x, (m, n, x.shape[1]))], []
     for w, b in layers[:-1]:
-        a, slope = _activate(activation, inputs[-1] @ w + b[:, None, :])
+        a, slope = _activate(activation, inputs[-1] @ w + b[:, None, :])  # float32 in, float32 out
         inputs.append(a)
         slopes.append(slope)
     logits = inputs[-1] @ layers[-1][0] + layers[-1][1][:, None, :]
     delta = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    delta = delta / delta.sum(axis=-1, keepdims=True) - y
-    grad_sq, row_sq = np.zeros(m), np.zeros((m, n))
+    delta /= delta.sum(axis=-1, keepdims=True)
+    delta -= y
+    grad_sum_sq, row_sq = np.zeros(m), np.zeros((m, n))
     for k in reversed(range(len(layers))):
-        row_sq += (np.einsum("mni,mni->mn", inputs[k], inputs[k]) + 1.0) * np.einsum("mnj,mnj->mn", delta, delta)
-        kernel, bias = inputs[k].transpose(0, 2, 1) @ delta / n, delta.mean(axis=1)
-        grad_sq += np.einsum("mij,mij->m", kernel, kernel) + np.einsum("mj,mj->m", bias, bias)
+        a = inputs[k]
+        row_sq += ((a * a).sum(-1, dtype=np.float64) + 1.0) * (delta * delta).sum(-1, dtype=np.float64)
+        kernel, bias = (a.transpose(0, 2, 1) @ delta).astype(np.float64), delta.sum(axis=1, dtype=np.float64)
+        grad_sum_sq += (kernel * kernel).sum(axis=(1, 2)) + (bias * bias).sum(-1)
         if k:
             delta = (delta @ layers[k][0].transpose(0, 2, 1)) * slopes[k - 1]
+    grad_sq = grad_sum_sq / n ** 2
     return grad_sq, (row_sq.sum(axis=1) - n * grad_sq) / max(n - 1, 1)
 
 
-# --- two-batch estimator -----------------------------------------------------------------------
+def noise_if(measure: bool, weights: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray,
+             activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """``gradient_noise`` at the points that measure it (clock.noise_points), NaN elsewhere."""
+    if measure:
+        return gradient_noise(weights, x, y, activation)
+    nan = np.full(len(weights[0]), np.nan)
+    return nan, nan
+
 
 def two_batch_noise_scale(grad_fn: Callable[[np.ndarray], np.ndarray], n: int, b_small: int, b_big: int,
                           draws: int, rng: np.random.Generator) -> NoiseScale:

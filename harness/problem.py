@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from harness import datasets
 from harness.config import ModelConfig, ProblemConfig
 
 
@@ -38,17 +39,35 @@ class Data:
 
 @lru_cache(maxsize=8)
 def make_data(problem: ProblemConfig) -> Data:
-    """The data set depends only on ``problem``: every trial of a grid sees the same rows."""
-    from sklearn.datasets import make_blobs
-
-    x, y = make_blobs(n_samples=problem.n_samples, centers=problem.centers, n_features=problem.n_features,
-                      cluster_std=problem.cluster_std, random_state=problem.random_state)
-    x = x.astype(np.float32)
-    onehot = np.eye(problem.centers, dtype=np.float32)[y]
+    """The data set depends only on ``problem``: every trial of a grid sees the same rows.
+    Raises DataError (one line) when the data cannot be had, e.g. a file that changed."""
+    x, labels = datasets.load_arrays(problem)
+    n, v = problem.n_train, problem.n_train + problem.n_val
+    if v >= len(x):  # config validation says so first; this guards problems built in code
+        raise datasets.DataError(f"data set '{problem.dataset}' has {len(x)} rows: too few for n_train + n_val "
+                                 f"({v}) and a test set")
+    if problem.standardize == "zscore":
+        x = zscore(x, n)
+    onehot = np.eye(int(labels.max()) + 1, dtype=np.float32)[labels]
     for array in (x, onehot):
         array.setflags(write=False)  # cached and shared between trials: nobody may edit it
-    n, v = problem.n_train, problem.n_train + problem.n_val
     return Data(x_train=x[:n], y_train=onehot[:n], x_val=x[n:v], y_val=onehot[n:v], x_test=x[v:], y_test=onehot[v:])
+
+
+def zscore(x: np.ndarray, n_train: int) -> np.ndarray:
+    """Each feature centred and scaled by the mean and standard deviation of the first
+    ``n_train`` rows, applied to all rows: validation and test rows must not leak into the
+    scaling the model is trained with."""
+    train = x[:n_train].astype(np.float64)
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std[std == 0] = 1.0  # a constant feature (digits' blank border pixels) stays constant instead of 0/0
+    return ((x - mean) / std).astype(np.float32)
+
+
+def data_shape(problem: ProblemConfig) -> tuple[int, int]:
+    """(n_features, n_classes): the network's input and output sizes, read from the data."""
+    data = make_data(problem)
+    return data.x_train.shape[1], data.n_classes
 
 
 def batch_order(seed: int, epoch: int, n_train: int) -> np.ndarray:
@@ -66,12 +85,13 @@ def build_model(model: ModelConfig, problem: ProblemConfig, seed: int):
     """The reference network, its weights drawn from ``seed`` exactly as Keras draws them."""
     import keras
 
+    n_features, n_classes = data_shape(problem)  # before seeding: whatever loading draws cannot move the weights
     keras.utils.set_random_seed(seed)
     net = keras.Sequential([
-        keras.Input(shape=(problem.n_features,)),
+        keras.Input(shape=(n_features,)),
         keras.layers.Dense(model.hidden_units, activation=model.activation,
                            kernel_initializer=model.kernel_initializer),
-        keras.layers.Dense(problem.centers, activation="softmax"),
+        keras.layers.Dense(n_classes, activation="softmax"),
     ])
     return net
 

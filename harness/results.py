@@ -59,7 +59,7 @@ def make_point(updates: int, examples_seen: int, elapsed_s: float, scores: dict[
                        train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                        val_accuracy=val_accuracy, test_loss=test_loss, test_accuracy=test_accuracy,
                        grad_sq=grad_sq, trace_sigma=trace_sigma,
-                       b_simple=trace_sigma / grad_sq if grad_sq > 0 else math.inf)
+                       b_simple=trace_sigma / grad_sq if grad_sq != 0 else math.inf)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,15 @@ def selection(trials: pd.DataFrame) -> Selection:
 
 
 def _b_simple_at(points: pd.DataFrame, trial_ids, metric: str, target: float, higher: bool) -> float:
-    """Median B_simple over ``trial_ids`` at the point where each first reaches ``target``."""
+    """Median B_simple over ``trial_ids`` where each first reaches ``target``: at the last point
+    at or before it that measured the noise scale (clock.noise_points skips epoch ends)."""
     steps = critical.steps_to_target(points, metric, target, higher, trial_ids)
-    hit = steps[np.isfinite(steps["steps"])].rename(columns={"steps": "updates"})
-    at = points.merge(hit.astype({"updates": "int64"}), on=["trial_id", "updates"])["b_simple"]
-    at = at[np.isfinite(at)]
+    hit = steps[np.isfinite(steps["steps"])].rename(columns={"steps": "updates"}).astype({"updates": "int64"})
+    measured = points.loc[np.isfinite(points["b_simple"]), ["trial_id", "updates", "b_simple"]]
+    if hit.empty or measured.empty:
+        return math.nan
+    at = pd.merge_asof(hit.sort_values("updates"), measured.sort_values("updates"), on="updates", by="trial_id",
+                       direction="backward")["b_simple"].dropna()
     return float(at.median()) if len(at) else math.nan
 
 

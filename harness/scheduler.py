@@ -8,8 +8,10 @@ environment, results travel back as return values, and only the driver writes th
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
@@ -36,6 +38,9 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release what connect() started."""
 
+    def slots(self) -> int:
+        """How many units of work run at once (after connect): what the work is sized to."""
+
     def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
         """Yield one list of results per group, in completion order; ``work`` (default: the
         backend's own, run_group) is what runs one group."""
@@ -61,6 +66,9 @@ class SerialBackend:
 
     def close(self) -> None:
         """Nothing to shut down."""
+
+    def slots(self) -> int:
+        return 1
 
     def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
         for group in groups:
@@ -125,6 +133,15 @@ def _transient_client_failure(address: str, exc: BaseException) -> bool:
     return address.startswith("ray://") and isinstance(exc, ConnectionAbortedError) and not _auth_refused(exc)
 
 
+def _no_colour_reset_at_exit() -> None:
+    """Ray's CLI logger calls colorama.init() when Ray is imported, and colorama's exit hook then
+    writes a colour-reset code to a terminal after everything else: a stray line under the
+    run's summary. Unhook it; the colours Ray itself prints are unaffected."""
+    colorama = sys.modules.get("colorama.initialise")
+    if colorama is not None:
+        atexit.unregister(colorama.reset_all)
+
+
 def _check_address(address: str) -> None:
     if address.startswith(("http://", "https://")):
         raise ClusterError(
@@ -161,6 +178,7 @@ class RayBackend:
         (one line) when the cluster cannot be joined."""
         import ray
 
+        _no_colour_reset_at_exit()
         if ray.is_initialized():
             return
         kwargs = dict(log_to_driver=self.verbose, logging_level=logging.INFO if self.verbose else logging.ERROR,
@@ -218,6 +236,13 @@ class RayBackend:
                 ray.cancel(ref, force=True)
             if started_here:
                 self.close()
+
+    def slots(self) -> int:
+        """Trials the cluster runs at once: its CPUs over cpus_per_trial, at most max_concurrent."""
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 0) // self.cpus_per_trial)
+        return max(1, min(cpus, self.max_concurrent or cpus))
 
     def close(self) -> None:
         """Shut down the Ray this backend started (a joined cluster is left as it is)."""

@@ -24,8 +24,9 @@ from harness.config import SECTIONS
 
 SCHEMA_VERSION = 2
 # Version 1 files lack what version 2 added (the settings marked id-neutral in harness.config,
-# the validation and blow-up columns); they are read with those filled in (store.read_table):
-# a version 1 trial ran with each added setting at its default, and had no validation split.
+# the validation and blow-up columns), and any file lacks settings added after it was written;
+# they are read with those filled in (store.read_table, schema.added_columns): such a trial ran
+# with each added setting at its default, and had no validation split.
 READABLE_VERSIONS = (1, 2)
 
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
@@ -116,10 +117,16 @@ PROBE_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
 )
 
 
-def v1_defaults() -> dict[str, Any]:
-    """What a version 1 trials file lacks, as the values its trials ran with."""
+def added_columns(version: str = str(SCHEMA_VERSION)) -> dict[str, Any]:
+    """Trials columns a file of ``version`` may lack, as the values its trials ran with: every
+    setting added after the first release (id-neutral, so its default is what an older trial
+    used) and the result columns of version 2. A version 1 trial was called diverged only on a
+    non-finite loss: a divergence_factor of infinity, which the report keeps apart as its own
+    study rather than mixing it with trials judged by the blow-up rule."""
     added = {f.name: f.default for cls in SECTIONS.values() for f in dataclasses.fields(cls)
              if f.metadata.get("id_neutral")}
+    if version == "1":
+        added["divergence_factor"] = float("inf")
     return {**added, "diverged_at_update": None, "val_accuracy": float("nan"), "val_loss": float("nan")}
 
 

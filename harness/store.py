@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from harness.results import TrialResult
 from harness.schema import (EPOCH_SCHEMA, POINT_SCHEMA, PROBE_SCHEMA, READABLE_VERSIONS, SCHEMA_VERSION,
-                            TRIAL_SCHEMA, v1_defaults)
+                            TRIAL_SCHEMA, added_columns)
 
 TRIALS, EPOCHS, POINTS, PROBES, RUNS, SET_ASIDE = "trials", "epochs", "points", "probes", "runs", "set-aside"
 CURVES = (POINTS, EPOCHS)  # per-trial tables written before (and only with) their trials part
@@ -177,17 +177,17 @@ def check_part(path: Path, kind: str) -> None:
             f"{path}: results schema version {version}, this harness reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; use the harness version that wrote it, or start anew "
             f"with --fresh (the old folder is kept)")
-    added = v1_defaults() if version == "1" and kind == TRIALS else {}
+    added = added_columns(version) if kind == TRIALS else {}
     missing = [n for n in SCHEMAS[kind].names if n not in schema.names and n not in added]
     if missing:
         raise StoreError(f"{path}: missing columns {', '.join(missing)}; not a harness {kind} file")
 
 
-def _upgrade(table: pa.Table, kind: str) -> pa.Table:
-    """A version 1 trials part with the columns version 2 added, at the values it ran with."""
+def _upgrade(table: pa.Table, kind: str, version: str) -> pa.Table:
+    """An older trials part with the columns added since, at the values it ran with."""
     if kind != TRIALS:
         return table
-    for name, value in v1_defaults().items():
+    for name, value in added_columns(version).items():
         if name not in table.column_names:
             kind_ = TRIAL_SCHEMA.field(name).type
             table = table.append_column(name, pa.array([value] * table.num_rows, type=kind_))
@@ -211,9 +211,9 @@ def set_aside(results_dir: Path, path: Path, reason: str) -> Path:
 def read_part(path: Path, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
     """One part, checked (StoreError if it is not ours) and upgraded to the current columns."""
     check_part(path, kind)
-    present = pq.read_schema(path).names
-    wanted = [c for c in columns if c in present] if columns else None
-    return _upgrade(pq.read_table(path, columns=wanted), kind)
+    schema = pq.read_schema(path)
+    wanted = [c for c in columns if c in schema.names] if columns else None
+    return _upgrade(pq.read_table(path, columns=wanted), kind, schema.metadata[_VERSION_KEY].decode())
 
 
 def _handle_bad(results_dir: Path, path: Path, reason: str, on_bad: str) -> None:

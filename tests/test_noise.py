@@ -264,6 +264,7 @@ def test_gradient_noise_without_per_example_matrix_equals_exact(activation, hidd
     y = np.eye(3)[rng.integers(0, 3, 300)]
     fast_g, fast_t = gradient_noise(weights, x, y, activation)
     exact_g, exact_t = mlp_noise_scale(weights, x, y, activation)
-    np.testing.assert_allclose(fast_g, exact_g, rtol=1e-9)
-    np.testing.assert_allclose(fast_t, exact_t, rtol=1e-9)
+    # float32 passes against the float64 reference: float32 rounding, nothing more
+    np.testing.assert_allclose(fast_g, exact_g, rtol=2e-5)
+    np.testing.assert_allclose(fast_t, exact_t, rtol=2e-5)
     assert np.all(exact_t / exact_g > 0.5)  # a real noise scale, not a degenerate zero case

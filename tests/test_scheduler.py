@@ -5,7 +5,7 @@ from harness.grid import expand_grid
 from harness.work import group_specs
 from harness.scheduler import RayBackend, SerialBackend
 
-from conftest import tiny_grid
+from conftest import REPO, tiny_grid
 from fakes import die_on_seed_one, instant_work
 
 
@@ -102,3 +102,18 @@ def test_other_join_failures_are_not_retried(monkeypatch):
     with pytest.raises(scheduler.ClusterError, match="cannot join the Ray cluster at 127.0.0.1:1"):
         RayBackend(address="127.0.0.1:1").connect()
     assert calls == ["127.0.0.1:1"]
+
+
+@pytest.mark.parametrize("unhook", [False, True])
+def test_no_stray_colour_reset_line_on_a_terminal(unhook):
+    """Ray's import runs colorama.init(), whose exit hook writes ESC[0m to a terminal after our
+    summary; the backend unhooks it. `script` gives the child a real pseudo-terminal."""
+    import subprocess
+    import sys
+
+    code = ("import ray.autoscaler._private.cli_logger; from harness.scheduler import _no_colour_reset_at_exit; "
+            + ("_no_colour_reset_at_exit(); " if unhook else "") + "print('summary')")
+    proc = subprocess.run(["script", "-qc", f'{sys.executable} -c "{code}"', "/dev/null"], capture_output=True,
+                          timeout=120, cwd=str(REPO))
+    assert proc.returncode == 0 and b"summary" in proc.stdout, proc.stdout + proc.stderr
+    assert (b"\x1b[0m" in proc.stdout) is not unhook  # without the unhook the stray code is there

@@ -112,18 +112,19 @@ def test_other_schema_version_is_refused_in_one_line(tmp_path):
 def test_version_1_trials_are_read_with_the_settings_they_ran_with(tmp_path):
     """A folder written before schema version 2 still reads and resumes: its rows get the added
     settings at their defaults (what they ran with) and keep their trial ids."""
-    from harness.schema import v1_defaults
+    from harness.schema import added_columns
 
     results = fake_results()
     store.write_results(tmp_path, results, "r", 0)
     path = tmp_path / "trials" / "part-r-000000.parquet"
     table = pq.read_table(path)
-    old = table.drop_columns(list(v1_defaults())).replace_schema_metadata({b"harness.schema_version": b"1"})
+    old = table.drop_columns(list(added_columns())).replace_schema_metadata({b"harness.schema_version": b"1"})
     pq.write_table(old, path)
     trials = store.read_trials(tmp_path)
     assert list(trials.columns) == TRIAL_SCHEMA.names
     assert (trials["n_val"] == 0).all() and (trials["eval_schedule"] == "epoch").all()
-    assert (trials["divergence_factor"] == 10.0).all() and trials["val_accuracy"].isna().all()
+    # judged diverged on NaN/inf only, as version 1 did: an infinite blow-up factor
+    assert (trials["divergence_factor"] == math.inf).all() and trials["val_accuracy"].isna().all()
     assert sorted(store.finished_trials(tmp_path)) == sorted(r.trial_id for r in results)
 
 

@@ -23,11 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.clock import eval_points, examples_at
+from harness.clock import eval_points, examples_at, noise_points
 from harness.config import ModelConfig, ProblemConfig
-from harness.noise import gradient_noise
+from harness.noise import noise_if
 from harness.grid import TrialSpec
-from harness.problem import epoch_batches, initial_weights, make_data, pin_threads
+from harness.problem import data_shape, epoch_batches, initial_weights, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize
 from harness.schema import utc_now
 from harness.work import group_key
@@ -87,7 +87,8 @@ def reduce_classes(ufunc: np.ufunc, x: np.ndarray, out: np.ndarray | None = None
 def argmax_classes(x: np.ndarray) -> np.ndarray:
     """argmax over the last axis, first index on ties (as np.argmax and tf.argmax), without the
     slow short-axis reduction."""
-    best, index = x[..., 0].copy(), np.zeros(x.shape[:-1], np.int8)
+    # The narrowest index type that holds every class id (int8 would wrap past 127 classes).
+    best, index = x[..., 0].copy(), np.zeros(x.shape[:-1], np.min_scalar_type(x.shape[-1] - 1))
     for c in range(1, x.shape[-1]):
         np.copyto(index, c, where=x[..., c] > best)
         np.maximum(best, x[..., c], out=best)
@@ -239,7 +240,8 @@ def _initial_flat(model: ModelConfig, problem: ProblemConfig, seed: int) -> np.n
 
 def _stack_initial(specs: Sequence[TrialSpec]) -> tuple[np.ndarray, tuple[int, int, int]]:
     spec = specs[0]
-    shape = (spec.problem.n_features, spec.model.hidden_units, spec.problem.centers)
+    n_features, n_classes = data_shape(spec.problem)
+    shape = (n_features, spec.model.hidden_units, n_classes)
     return np.stack([_initial_flat(s.model, s.problem, s.seed) for s in specs]), shape
 
 
@@ -277,6 +279,7 @@ class _Clock:
 
     def __init__(self, spec: TrialSpec, data, size: int):
         self.spec, self.data, self.at = spec, data, set(eval_points(spec).tolist())
+        self.noise_at = set(noise_points(spec).tolist())
         self.x1 = {name: (with_ones(x), y) for name, (x, y) in data.splits().items()}
         self.points: list[list[PointRecord]] = [[] for _ in range(size)]
         self.test: tuple[np.ndarray, np.ndarray] | None = None  # the latest test scores, for the epoch rows
@@ -284,7 +287,8 @@ class _Clock:
     def record(self, stack: "_Stack", members: np.ndarray, updates: int, elapsed: float) -> None:
         scores = {name: stack.evaluate(x1, y) for name, (x1, y) in self.x1.items()}
         self.test = scores["test"]
-        grad_sq, trace = gradient_noise(stack.weights(), self.data.x_train, self.data.y_train, stack.activation)
+        grad_sq, trace = noise_if(updates in self.noise_at, stack.weights(), self.data.x_train, self.data.y_train,
+                                  stack.activation)
         examples = examples_at(self.spec, updates)
         for row, i in enumerate(members):
             self.points[i].append(make_point(updates, examples, elapsed, {

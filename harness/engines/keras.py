@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.clock import eval_points, examples_at
+from harness.clock import eval_points, examples_at, noise_points
 from harness.grid import TrialSpec
-from harness.noise import gradient_noise
+from harness.noise import noise_if
 from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, failed_result, make_point, summarize
 from harness.schema import utc_now
@@ -82,9 +82,12 @@ def fit_keras(spec: TrialSpec, data: Data):
     records: list[EpochRecord] = []
     points: list[PointRecord] = []
 
+    noise_at = set(noise_points(spec).tolist())
+
     def record(updates: int, elapsed: float) -> None:
         weights = [np.asarray(w)[None] for w in model.get_weights()]
-        (grad_sq,), (trace,) = gradient_noise(weights, data.x_train, data.y_train, spec.model.activation)
+        (grad_sq,), (trace,) = noise_if(updates in noise_at, weights, data.x_train, data.y_train,
+                                        spec.model.activation)
         points.append(make_point(updates, examples_at(spec, updates), elapsed,
                                  {name: score() for name, score in scorers.items()}, grad_sq, trace))
 
