@@ -91,6 +91,15 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_piped(text: str) -> None:
+    """Print a long listing that may be piped into `head`: a reader that stops early is normal,
+    not an error (Python's advice: point stdout at devnull so the exit flush stays quiet)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -133,7 +142,8 @@ def run_main(argv: list[str] | None = None) -> int:
             # Without joining a cluster: sized for this machine's cores, or --max-concurrent.
             slots = 1 if args.backend == "serial" else (args.max_concurrent or
                                                         max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
-            print(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name, slots))
+            _print_piped(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name,
+                                              slots))
             return 0
         if args.fresh:
             with store.locked(results_dir):
