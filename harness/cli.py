@@ -70,6 +70,9 @@ def _results_path(text: str) -> Path:
 def run_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="harness run", description="Run a grid of training trials and write results to Parquet.")
     p.add_argument("grid", help="grid YAML file, e.g. grids/smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="grid keys set from the command line, validated like the file: train.epochs=20 "
+                        "'sweep.seed=[0,1]' problem.n_val=250 name=quick")
     p.add_argument("--results", type=_results_path,
                    help="results folder or file:// URI (default: results/<grid name>/)")
     p.add_argument("--address", help="Ray cluster to join (ray://host:10001, host:6379 or 'auto'); "
@@ -112,7 +115,7 @@ def run_main(argv: list[str] | None = None) -> int:
     prog = "harness run"
     try:
         args = run_parser().parse_args(argv)
-        grid = with_engine(load_grid(args.grid), args.engine)
+        grid = with_engine(load_grid(args.grid, args.overrides), args.engine)
         n = count_trials(grid)
         if n > LARGE_GRID_TRIALS and not args.yes:
             raise ConfigError(f"{args.grid}: the grid has {n:,} trials (over {LARGE_GRID_TRIALS:,}); "
@@ -160,7 +163,9 @@ def run_main(argv: list[str] | None = None) -> int:
                                                "engine_override": args.engine,
                                                # the grid itself travels with its results, so a
                                                # report can tell what is still missing from anywhere
-                                               "grid_yaml": Path(args.grid).read_text(encoding="utf-8")})
+                                               "grid_yaml": grid.source, "overrides": list(grid.overrides),
+                                               "data_file": grid.problem.path or None,
+                                               "data_file_sha256": grid.problem.file_sha256 or None})
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, ConfigError, store.StoreError) as exc:

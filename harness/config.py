@@ -5,6 +5,7 @@ default here is an error that lists the keys that do exist.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -12,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -136,6 +137,8 @@ class GridConfig:
     timing_probe: bool = False
     path: str = ""
     sha256: str = ""
+    overrides: tuple[str, ...] = ()  # KEY=VALUE items from the command line, applied to the file
+    source: str = ""  # the grid as run (file plus overrides, data file resolved), as YAML
 
 
 def _suggest(key: str, valid: tuple[str, ...] | list[str]) -> str:
@@ -209,7 +212,7 @@ def _section(where: str, raw: Any, cls: type, name: str) -> Any:
     return cls(**{k: coerce(where, k, v, kinds[k]) for k, v in raw.items()})
 
 
-def _problem(where: str, raw: Any) -> ProblemConfig:
+def _problem(where: str, raw: Any, folder: Path) -> ProblemConfig:
     """The problem section, checked against its data set: known name, only keys it reads, data
     that can be loaded (a file is read here: path made absolute, SHA-256 recorded), and enough
     rows for the split."""
@@ -223,7 +226,7 @@ def _problem(where: str, raw: Any) -> ProblemConfig:
                     raise ConfigError(
                         f"{where}: 'problem.{key}' does not apply to data set '{problem.dataset}'; it takes "
                         f"{', '.join(data_set.keys)} (and {', '.join(datasets.COMMON_KEYS[1:])}, as every data set does)")
-        problem, rows = datasets.prepare(problem, Path(where).parent)
+        problem, rows = datasets.prepare(problem, folder)
     except datasets.DataError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if problem.n_train + problem.n_val >= rows:
@@ -258,7 +261,7 @@ def _sweep_block(where: str, raw: Any, label: str) -> tuple[tuple[str, tuple[Any
     return tuple(block)
 
 
-def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
+def parse_grid(raw: Any, where: str, default_name: str = "grid", folder: Path | None = None) -> GridConfig:
     """Validate a grid already read from YAML; ``where`` names its source in errors."""
     if raw is None:
         raise ConfigError(f"{where}: the file is empty; a grid needs at least a 'sweep'")
@@ -270,7 +273,8 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,63}", name):
         raise ConfigError(f"{where}: 'name' must be a plain identifier (letters, digits, '_' or '-', "
                           f"no path separators), got {name!r}")
-    problem = _problem(where, raw.get("problem"))
+    # A data file's path is relative to the grid file's folder.
+    problem = _problem(where, raw.get("problem"), Path(where).parent if folder is None else folder)
     model = _section(where, raw.get("model"), ModelConfig, "model")
     train = _section(where, raw.get("train"), TrainConfig, "train")
     probe = raw.get("timing_probe", False)
@@ -294,8 +298,50 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid") -> GridConfig:
                       path=where)
 
 
-def load_grid(path: str | Path) -> GridConfig:
-    """Read and validate a grid file; raise ConfigError with one line naming the file and key."""
+def apply_overrides(where: str, raw: Any, overrides: Sequence[str]) -> Any:
+    """The grid ``raw`` with command-line items applied, Hydra style: ``train.epochs=20``,
+    ``'sweep.seed=[0,1]'``, ``name=quick``. Values are YAML (so lists and numbers read as in the
+    file) and are validated exactly like the file's by parse_grid afterwards; ``sweep.KEY``
+    sets that axis in every sweep block."""
+    if not overrides or not isinstance(raw, Mapping):
+        return raw
+    raw = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts) or len(parts) > 2:
+            raise ConfigError(f"{where}: override {item!r} is not KEY=VALUE or SECTION.KEY=VALUE "
+                              f"(e.g. train.epochs=20 or 'sweep.seed=[0,1]')")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: override {item!r}: the value is not valid YAML") from None
+        if len(parts) == 1:
+            raw[parts[0]] = value
+            continue
+        section, name = parts
+        blocks = raw.get(section)
+        if blocks is None:
+            raw[section] = blocks = {}
+        for block in (blocks if section == "sweep" and isinstance(blocks, list) else [blocks]):
+            if not isinstance(block, dict):
+                raise ConfigError(f"{where}: override {item!r}: '{section}' is not a mapping in the grid file")
+            block[name] = value
+    return raw
+
+
+def _as_run(raw: Any, grid: "GridConfig") -> str:
+    """The grid as YAML, as it was run: overrides applied, a data file's resolved path and hash."""
+    run = copy.deepcopy(dict(raw))
+    if grid.problem.dataset == "file":
+        run["problem"] = {**run.get("problem", {}), "path": grid.problem.path,
+                          "file_sha256": grid.problem.file_sha256}
+    return yaml.safe_dump(run, sort_keys=False)
+
+
+def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> GridConfig:
+    """Read and validate a grid file (with command-line ``overrides`` applied); raise
+    ConfigError with one line naming the file, the overrides and the key."""
     path = Path(path)
     where = str(path)
     try:
@@ -315,8 +361,12 @@ def load_grid(path: str | Path) -> GridConfig:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid syntax"
         raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
-    grid = parse_grid(raw, where, default_name=re.sub(r"\W", "_", path.stem) or "grid")
-    return dataclasses.replace(grid, sha256=hashlib.sha256(data).hexdigest())
+    if overrides:
+        where = f"{where} (with {' '.join(overrides)})"
+    raw = apply_overrides(where, raw, overrides)
+    grid = parse_grid(raw, where, default_name=re.sub(r"\W", "_", path.stem) or "grid", folder=path.parent)
+    return dataclasses.replace(grid, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
+                               overrides=tuple(overrides), source=_as_run(raw, grid))
 
 
 def with_engine(grid: GridConfig, engine: str | None) -> GridConfig:

@@ -209,6 +209,8 @@ def describe_plan(grid: GridConfig, plan: Plan, backend_name: str, slots: int = 
         f"sized for {slots} slot(s): about {modelled_wall_s(groups, slots):,.0f} s of training by the cost model "
         f"(harness.work), start-up not included",
     ]
+    if grid.overrides:
+        lines.insert(1, f"overrides applied to the file: {' '.join(grid.overrides)}")
     if plan.kept_failed:
         lines.append(f"{plan.kept_failed} failed trials are kept as they are (--retry-failed runs them again)")
     for spec in plan.todo:

@@ -120,3 +120,23 @@ def test_engine_override():
     with pytest.raises(ConfigError, match="valid choices: keras, fused"):
         with_engine(grid, "torch")
     assert isinstance(fused, GridConfig)
+
+
+def test_command_line_overrides_set_keys_and_are_validated_like_the_file(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\ntrain: {epochs: 200}\nsweep:\n  batch_size: [32]\n  learning_rate: [0.01]\n"
+                    "  seed: [0]\n")
+    grid = load_grid(path, ["train.epochs=20", "sweep.seed=[0, 1]", "problem.n_val=100", "name=quick"])
+    assert (grid.train.epochs, grid.problem.n_val, grid.name) == (20, 100, "quick")
+    assert [s.seed for s in expand_grid(grid)] == [0, 1]
+    assert grid.overrides == ("train.epochs=20", "sweep.seed=[0, 1]", "problem.n_val=100", "name=quick")
+    # the grid as run is recorded, so a report rebuilds the same plan from the run's metadata
+    assert parse_grid(__import__("yaml").safe_load(grid.source), "run").train.epochs == 20
+    with pytest.raises(ConfigError, match=r"g.yaml \(with train.epoch=3\): unknown key 'epoch' under 'train'"):
+        load_grid(path, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"'batch_size' must be positive, got 0"):
+        load_grid(path, ["sweep.batch_size=[0]"])
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_grid(path, ["epochs"])
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_grid(path, ["a.b.c=1"])
