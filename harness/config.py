@@ -182,6 +182,8 @@ def _check_range(where: str, key: str, value: Any) -> None:
             f"{where}: '{key}' is {value!r}; valid choices: {', '.join(CHOICES[key])}{_suggest(str(value), CHOICES[key])}")
     positive = {"batch_size", "learning_rate", "epochs", "hidden_units", "n_samples", "n_train",
                 "n_features", "cluster_std", "n_informative", "class_sep"}
+    if key == "batch_size" and value < 1:  # the upper bound, n_train, is checked with the problem
+        raise ConfigError(f"{where}: 'batch_size' must be a whole number from 1 to 'problem.n_train', got {value!r}")
     if key in positive and value <= 0:
         raise ConfigError(f"{where}: '{key}' must be positive, got {value!r}")
     if key in ("seed", "random_state", "n_val") and value < 0:

@@ -71,7 +71,7 @@ def test_dry_run_lists_trials_and_writes_nothing(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("name: x\nsweep: {batch_size: [0], learning_rate: [0.1], seed: [0]}\n", "'batch_size' must be positive"),
+    ("name: x\nsweep: {batch_size: [0], learning_rate: [0.1], seed: [0]}\n", "'batch_size' must be a whole number from 1 to 'problem.n_train'"),
     ("sweep: {batch_size: [1], learning_rate: [0.1], seed: [0]}\nextra: 1\n", "unknown key 'extra'"),
     ("sweep: [1, 2\n", "not valid YAML"),
     ("", "the file is empty"),

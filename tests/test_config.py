@@ -44,8 +44,8 @@ def test_misspelt_key_lists_valid_keys_golden():
     ({**GOOD, "model": {"units": 5}}, "unknown key 'units' under 'model'"),
     ({**GOOD, "train": {"epoch": 5}}, "did you mean 'epochs'"),
     ({**GOOD, "problem": {"n_sample": 5}}, "under 'problem'"),
-    ({**GOOD, "sweep": {"batch_size": [0], "learning_rate": [0.1], "seed": [0]}}, "'batch_size' must be positive"),
-    ({**GOOD, "sweep": {"batch_size": [-4], "learning_rate": [0.1], "seed": [0]}}, "must be positive"),
+    ({**GOOD, "sweep": {"batch_size": [0], "learning_rate": [0.1], "seed": [0]}}, "'batch_size' must be a whole number from 1 to 'problem.n_train'"),
+    ({**GOOD, "sweep": {"batch_size": [-4], "learning_rate": [0.1], "seed": [0]}}, "from 1 to 'problem.n_train', got -4"),
     ({**GOOD, "sweep": {"batch_size": [2.5], "learning_rate": [0.1], "seed": [0]}}, "must be a whole number"),
     ({**GOOD, "sweep": {"batch_size": [501], "learning_rate": [0.1], "seed": [0]}}, "above 'problem.n_train'"),
     ({**GOOD, "sweep": {"batch_size": [1], "learning_rate": [0.0], "seed": [0]}}, "'learning_rate' must be positive"),
@@ -134,7 +134,7 @@ def test_command_line_overrides_set_keys_and_are_validated_like_the_file(tmp_pat
     assert parse_grid(__import__("yaml").safe_load(grid.source), "run").train.epochs == 20
     with pytest.raises(ConfigError, match=r"g.yaml \(with train.epoch=3\): unknown key 'epoch' under 'train'"):
         load_grid(path, ["train.epoch=3"])
-    with pytest.raises(ConfigError, match=r"'batch_size' must be positive, got 0"):
+    with pytest.raises(ConfigError, match=r"'batch_size' must be a whole number from 1 to 'problem.n_train', got 0"):
         load_grid(path, ["sweep.batch_size=[0]"])
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         load_grid(path, ["epochs"])
