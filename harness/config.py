@@ -346,14 +346,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> GridConfig:
     ConfigError with one line naming the file, the overrides and the key."""
     path = Path(path)
     where = str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such grid file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{where}: is a directory, not a grid file") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read grid file ({exc.strerror or exc})") from None
+    data = datasets.read_bytes(path, "grid file", ConfigError)
     try:
         raw = yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -107,19 +107,24 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def read_bytes(path: str | Path, what: str, error: type[Exception]) -> bytes:
+    """A file's bytes, or ``error`` with one line saying why not (``what``: 'grid file', ...)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
 def _read_bytes(path: str) -> bytes:
     suffix = Path(path).suffix.lower()
     if suffix not in FILE_FORMATS:
         raise DataError(f"{path}: not a CSV or Parquet file (its name must end in "
                         f"{', '.join(FILE_FORMATS)})")
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such data file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not a data file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read data file ({exc.strerror or exc})") from None
+    return read_bytes(path, "data file", DataError)
 
 
 def _first_line(exc: BaseException) -> str:
