@@ -13,24 +13,41 @@ The arithmetic is Keras 3's, op for op, so the two engines agree to float32 roun
   instead, which is the same float32 result (0*m is exactly 0), so one formula serves both;
 - epoch ``loss``/``accuracy`` are batch-size-weighted means of the per-batch values taken
   before each update; ``val_*`` are one full-batch pass over the test rows after the epoch.
+
+Two paths compute this. ``_Stack`` below is NumPy: a handful of batched ufunc and matmul calls
+per step for the whole stack, cheap to start but with a fixed cost per call that dominates at
+small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kernel_stack.NumbaStack``
+runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
+default network (tests/test_kernels.py says where), and scores the clock's points 1.5x faster
+on small networks (it leaves larger ones to NumPy's scoring, faster there); it costs a start-up
+per process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
+compile them, ~4 s). ``kernel_choice.choose_kernel`` takes the numba path only
+when a group's estimated saving exceeds that start-up, so small groups (under ~1 s of NumPy
+work) stay on NumPy and a small grid never waits for a compile; $HARNESS_FUSED_KERNEL or
+``train_fused(kernel=...)`` force a path. Either way the stack's interface is the same:
+``begin_epoch``/``run`` train, ``evaluate`` scores, ``weights`` and ``select`` read and shrink it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from harness.clock import eval_points, examples_at, noise_points
 from harness.config import ModelConfig, ProblemConfig
+from harness.engines.kernel_choice import GroupSize, choose_kernel
 from harness.noise import noise_if
 from harness.grid import TrialSpec
 from harness.problem import data_shape, epoch_batches, initial_weights, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize
 from harness.schema import utc_now
 from harness.work import group_key
+
+if TYPE_CHECKING:
+    from harness.engines.kernel_stack import NumbaStack
 
 Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W1, b1, W2, b2)
 
@@ -111,7 +128,7 @@ def evaluate_stacked(weights: Weights, x: np.ndarray, y: np.ndarray, activation:
     flat = np.concatenate([w.reshape(len(w), -1) for w in weights], axis=1).astype(np.float32)
     unused = np.zeros((len(flat), 1), np.float32)  # learning rate and momentum: no training here
     stack = _Stack(flat, unused, unused, unused, (w1.shape[1], w1.shape[2], w2.shape[2]), activation)
-    return stack.evaluate(with_ones(x), y)
+    return stack.evaluate(*stack.eval_input(x, y))
 
 
 def with_ones(x: np.ndarray) -> np.ndarray:
@@ -156,6 +173,7 @@ class _Stack:
                  shape: tuple[int, int, int], activation: str):
         self.theta, self.velocity, self.lr, self.momentum = theta, velocity, lr, momentum
         self.shape, self.activation = shape, activation
+        self._epoch: tuple = ()  # the epoch begun (begin_epoch)
         self.grad = np.empty_like(theta)
         self.w1b, self.w2, self.b2 = self._views(theta)
         self.dw1b, self.dw2, self.db2 = self._views(self.grad)
@@ -218,6 +236,22 @@ class _Stack:
         self.velocity -= self.grad
         self.theta += self.velocity
 
+    def begin_epoch(self, x1: np.ndarray, y: np.ndarray, rows: np.ndarray, batch: int, logits: np.ndarray) -> None:
+        """Gather the epoch's batches: x1 [N,F+1] (``with_ones``) and y [N,C] are all training
+        rows, rows [M,N] each member's order; ``run`` writes the pre-update logits to logits [M,N,C]."""
+        self._epoch = (np.take(x1, rows, axis=0), np.take(y, rows, axis=0), batch, logits)
+
+    def run(self, s0: int, s1: int) -> None:
+        """Steps s0..s1-1 of the epoch begun."""
+        xs, ys, batch, logits = self._epoch
+        for i in range(s0 * batch, min(s1 * batch, xs.shape[1]), batch):
+            self.step(xs[:, i:i + batch], ys[:, i:i + batch], logits[:, i:i + batch])
+
+    @staticmethod
+    def eval_input(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A split as the arguments of ``evaluate``."""
+        return with_ones(x), y
+
     def evaluate(self, x1: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(loss [M], accuracy [M]) of every model on all rows x1 [N,F+1], y [N,C] at once."""
         m, n = self.theta.shape[0], x1.shape[0]
@@ -277,15 +311,20 @@ class _Clock:
     """Scores every active member at the update clock's points (harness.clock): one batched
     forward pass per split for the whole stack, and the gradient noise over the training rows."""
 
-    def __init__(self, spec: TrialSpec, data, size: int):
-        self.spec, self.data, self.at = spec, data, set(eval_points(spec).tolist())
-        self.noise_at = set(noise_points(spec).tolist())
-        self.x1 = {name: (with_ones(x), y) for name, (x, y) in data.splits().items()}
+    def __init__(self, spec: TrialSpec, data, size: int, stack: "_Stack | NumbaStack"):
+        self.spec, self.data, self.sorted = spec, data, eval_points(spec)
+        self.at, self.noise_at = set(self.sorted.tolist()), set(noise_points(spec).tolist())
+        self.splits = {name: stack.eval_input(x, y) for name, (x, y) in data.splits().items()}
         self.points: list[list[PointRecord]] = [[] for _ in range(size)]
         self.test: tuple[np.ndarray, np.ndarray] | None = None  # the latest test scores, for the epoch rows
 
-    def record(self, stack: "_Stack", members: np.ndarray, updates: int, elapsed: float) -> None:
-        scores = {name: stack.evaluate(x1, y) for name, (x1, y) in self.x1.items()}
+    def next_after(self, updates: int) -> int:
+        """The first point after ``updates`` (past the last one: a number no run reaches)."""
+        i = int(np.searchsorted(self.sorted, updates, side="right"))
+        return int(self.sorted[i]) if i < len(self.sorted) else np.iinfo(np.int64).max
+
+    def record(self, stack: "_Stack | NumbaStack", members: np.ndarray, updates: int, elapsed: float) -> None:
+        scores = {name: stack.evaluate(*split) for name, split in self.splits.items()}
         self.test = scores["test"]
         grad_sq, trace = noise_if(updates in self.noise_at, stack.weights(), self.data.x_train, self.data.y_train,
                                   stack.activation)
@@ -296,10 +335,11 @@ class _Clock:
                 grad_sq[row], trace[row]))
 
 
-def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
+def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedTraining:
     """Train every spec of one group together, scoring all of them at the update clock's points;
-    members that blow up stop at the end of that epoch, the rest go on.
-    The caller pins BLAS threads (run_group does)."""
+    members that blow up stop at the end of that epoch, the rest go on. ``kernel`` picks the
+    path: "numpy", "numba", or "auto" (the rule in kernel_choice); None reads
+    $HARNESS_FUSED_KERNEL, default auto. The caller pins BLAS threads (run_group does)."""
     specs = tuple(specs)
     _check_group(specs)
     first = specs[0]
@@ -308,28 +348,32 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
     theta, shape = _stack_initial(specs)
     lr = np.array([[s.learning_rate] for s in specs], np.float32)
     momentum = np.array([[s.train.momentum] for s in specs], np.float32)
-    stack = _Stack(theta, np.zeros_like(theta), lr, momentum, shape, first.model.activation)
+    stack = _make_stack(choose_kernel(_group_size(specs, shape), kernel), theta, lr, momentum, shape,
+                        first.model.activation)
     members = np.arange(len(specs))  # spec index of each active row of the stack
     final: list[Weights | None] = [None] * len(specs)
     records: list[list[EpochRecord]] = [[] for _ in specs]
-    starts = range(0, n, batch)
-    x1_train = with_ones(data.x_train)
+    steps = -(-n // batch)
+    # Writable copies: numba compiles read-only arrays (the cached data set's) as another type.
+    x1_train, y_train = with_ones(data.x_train), np.array(data.y_train)
     labels = argmax_classes(data.y_train)
-    clock = _Clock(first, data, len(specs))
+    clock = _Clock(first, data, len(specs), stack)
     updates = 0
     with np.errstate(all="ignore"):  # a diverging member overflows; that is data, not a warning
         clock.record(stack, members, 0, 0.0)
         start = time.perf_counter()
         for epoch in range(n_epochs):
             rows = _epoch_rows([specs[i].seed for i in members], epoch, n, batch)
-            xs, ys = np.take(x1_train, rows, axis=0), np.take(data.y_train, rows, axis=0)
-            logits = np.empty(ys.shape, np.float32)
-            for i in starts:
-                stack.step(xs[:, i:i + batch], ys[:, i:i + batch], logits[:, i:i + batch])
-                updates += 1
-                if updates in clock.at:  # every epoch end is a point, so the last step of an epoch is
+            logits = np.empty((len(members), n, y_train.shape[1]), np.float32)
+            stack.begin_epoch(x1_train, y_train, rows, batch, logits)
+            done, first_point = 0, len(clock.points[members[0]])
+            while done < steps:  # run up to the next clock point; every epoch end is one
+                stop = min(steps, clock.next_after(updates) - (updates - done))
+                stack.run(done, stop)
+                updates, done = updates + stop - done, stop
+                if updates in clock.at:
                     clock.record(stack, members, updates, time.perf_counter() - start)
-            loss, accuracy = _epoch_metrics(logits, ys, np.take(labels, rows), batch)
+            loss, accuracy = _epoch_metrics(logits, np.take(y_train, rows, axis=0), np.take(labels, rows), batch)
             val_loss, val_accuracy = clock.test
             elapsed = time.perf_counter() - start
             for row, i in enumerate(members):
@@ -337,7 +381,10 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
                     epoch=epoch + 1, loss=float(loss[row]), accuracy=float(accuracy[row]),
                     val_loss=float(val_loss[row]), val_accuracy=float(val_accuracy[row]),
                     elapsed_s=elapsed, updates=updates))
-            alive = np.array([blow_up(specs[i], clock.points[i], records[i]) is None for i in members])
+            # Only this epoch's points and record are new (earlier ones passed), and point 0 sets
+            # the limit: checking all of them every epoch would cost O(epochs^2) per member.
+            alive = np.array([blow_up(specs[i], clock.points[i][:1] + clock.points[i][first_point:], records[i][-1:])
+                              is None for i in members])
             if not alive.all():
                 # Blown-up members stop here, as Keras stops them; the others are untouched
                 # (every op is per model), and the stack shrinks so they cost nothing more.
@@ -351,6 +398,25 @@ def train_fused(specs: Sequence[TrialSpec]) -> FusedTraining:
         final[i] = tuple(w[row].copy() for w in stack.weights())
     return FusedTraining(specs=specs, weights=tuple(final), records=tuple(tuple(r) for r in records),
                          points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall)
+
+
+def _group_size(specs: Sequence[TrialSpec], shape: tuple[int, int, int]) -> GroupSize:
+    spec, (f, h, c) = specs[0], shape
+    problem = spec.problem
+    return GroupSize(models=len(specs), batch_size=spec.batch_size, n_train=problem.n_train, epochs=spec.train.epochs,
+                     weights=(f + 1) * h + h * c, eval_rows=sum(len(x) for x, _ in make_data(problem).splits().values()),
+                     eval_points=len(eval_points(spec)), activation=spec.model.activation)
+
+
+def _make_stack(kernel: str, theta: np.ndarray, lr: np.ndarray, momentum: np.ndarray, shape: tuple[int, int, int],
+                activation: str) -> "_Stack | NumbaStack":
+    if kernel == "numpy":
+        return _Stack(theta, np.zeros_like(theta), lr, momentum, shape, activation)
+    from harness.engines import kernel_stack  # imports numba: only groups on the numba path pay for it
+
+    kernel_stack.load()  # compile, or load from the cache, before the training clock starts
+    return kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), lr, momentum, shape, activation,
+                                             exact=kernel_stack.blas_is_emulated())
 
 
 def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:

@@ -73,11 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bs:>4} {ratio(fused, floor):>12} {ratio(keras, floor):>12} {ratio(keras, fused):>12} "
               f"{ratio(steady, fused):>19}")
 
+    print("\nfused engine, NumPy path against numba kernels (us per model-update; ratio > 1: numba faster):")
+    print(f"{'bs':>4} {'whole numpy':>12} {'whole numba':>12} {'numpy/numba':>12} {'steps numpy':>12} "
+          f"{'steps numba':>12} {'numpy/numba':>12}")
+    for bs in sorted({bs for _, bs in costs}):
+        rows = [costs.get((e, bs)) for e in ("fused", "fused-numba", "steps-numpy", "steps-numba")]
+        if not any(rows):
+            continue
+        us = [f"{r['us_per_model_update']:.3f}" if r else "-" for r in rows]
+        print(f"{bs:>4} {us[0]:>12} {us[1]:>12} {ratio(rows[0], rows[1]):>12} {us[2]:>12} {us[3]:>12} "
+              f"{ratio(rows[2], rows[3]):>12}")
+
     for row in others:
         models = f" for {row['models']} models" if "models" in row else ""
         print(f"\n{row['name']}: {row['seconds'] * 1e3:.2f} ms{models} ({row.get('what', '')})")
         derived = {k: v for k, v in row.items() if k not in ("name", "seconds", "what", "models")
-                   and isinstance(v, (int, float))}
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in derived.items():
             print(f"    {key}: {value:.4g}")
     return 0

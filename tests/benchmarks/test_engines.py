@@ -14,7 +14,10 @@ turn seconds into microseconds per (model-)update without knowing the cases.
 Times are of the whole call: the Keras engine's include building and tracing its model (it
 pays them per trial), so its ``extra_info`` also holds the steady-state cost after epoch 1.
 The fused engine's initial weights are drawn once outside the timing (cached per process, as
-in a Ray worker that runs several groups).
+in a Ray worker that runs several groups), and so are its numba kernels compiled or loaded:
+``test_first_call`` measures that start-up on its own, in fresh processes. The fused engine
+runs both of its paths, forced: engine ``fused`` (NumPy) and ``fused-numba``; ``steps-*`` time
+the training steps alone, without the clock's scoring passes.
 """
 from __future__ import annotations
 
@@ -104,42 +107,127 @@ def test_floor(benchmark, batch_size):
     benchmark.pedantic(train_floor, args=(spec, weights), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
+# The fused engine's two paths (harness/engines/kernel_choice.py picks one per group; here each
+# is forced): engine "fused" is the NumPy path, "fused-numba" the numba kernels.
+FUSED_ENGINES = {"numpy": "fused", "numba": "fused-numba"}
+
+
+@pytest.mark.parametrize("kernel", FUSED_ENGINES)
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_fused(benchmark, batch_size):
+def test_fused(benchmark, batch_size, kernel):
     from harness.engines.fused import train_fused
 
     specs = group(batch_size, EPOCHS[batch_size])
-    train_fused([dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=1)) for s in specs])  # draws weights
-    record(benchmark, specs[0], len(specs), "fused")
-    training = benchmark.pedantic(train_fused, args=(specs,), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    # Draws the weights and, for numba, compiles or loads the kernels: both once per process.
+    train_fused([dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=1)) for s in specs], kernel=kernel)
+    record(benchmark, specs[0], len(specs), FUSED_ENGINES[kernel])
+    training = benchmark.pedantic(train_fused, args=(specs, kernel), rounds=ROUNDS, iterations=1, warmup_rounds=0)
     assert all(len(r) == specs[0].train.epochs for r in training.records)  # nobody diverged
 
 
-def test_fused_epoch_overhead(benchmark):
+def stack_for(kernel: str, specs: list[TrialSpec]):
+    """The stack train_fused would build for ``specs`` on one path, with zero momenta."""
+    from harness.engines import fused
+
+    theta, shape = fused._stack_initial(specs)
+    lr = np.array([[s.learning_rate] for s in specs], np.float32)
+    momentum = np.array([[s.train.momentum] for s in specs], np.float32)
+    return fused._make_stack(kernel, theta, lr, momentum, shape, "relu")
+
+
+@pytest.mark.parametrize("kernel", FUSED_ENGINES)
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_steps(benchmark, batch_size, kernel):
+    """The training steps alone (no clock points, no epoch metrics): the cost the numba kernel
+    replaces, as the research measured it (0.19-0.22 us per model-update at batch size 1)."""
+    from harness.engines import fused
+
+    specs = group(batch_size, EPOCHS[batch_size])
+    data = make_data(specs[0].problem)
+    n, epochs, steps = specs[0].problem.n_train, specs[0].train.epochs, specs[0].updates_per_epoch
+    x1, y = fused.with_ones(data.x_train), np.array(data.y_train)
+    orders = [fused._epoch_rows([s.seed for s in specs], epoch, n, batch_size) for epoch in range(epochs)]
+    logits = np.empty((len(specs), n, y.shape[1]), np.float32)
+
+    def train():
+        stack = stack_for(kernel, specs)
+        for rows in orders:
+            stack.begin_epoch(x1, y, rows, batch_size, logits)
+            stack.run(0, steps)
+
+    train()  # numba: compiles or loads the kernels
+    record(benchmark, specs[0], len(specs), f"steps-{kernel}")
+    benchmark.pedantic(train, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("kernel", FUSED_ENGINES)
+def test_fused_epoch_overhead(benchmark, kernel):
     """What the fused engine pays once per epoch whatever the batch size, for 35 models: batch
     orders and gather, the epoch's loss/accuracy from the stored logits, the test-set pass."""
     from harness.engines import fused
 
     specs = group(500, 1)
     data = make_data(specs[0].problem)
-    theta, shape = fused._stack_initial(specs)
-    hyper = np.zeros((len(specs), 1), np.float32)  # learning rate, momentum: unused here
-    stack = fused._Stack(theta, np.zeros_like(theta), hyper, hyper, shape, "relu")
-    x1_train, x1_test = fused.with_ones(data.x_train), fused.with_ones(data.x_test)
-    n = specs[0].problem.n_train
+    stack = stack_for(kernel, specs)
+    x1_train, test = fused.with_ones(data.x_train), stack.eval_input(data.x_test, data.y_test)
+    n, classes = specs[0].problem.n_train, data.y_train.shape[1]
     labels = fused.argmax_classes(data.y_train)
-    logits = np.random.default_rng(0).standard_normal((len(specs), n, shape[2])).astype(np.float32)
+    logits = np.random.default_rng(0).standard_normal((len(specs), n, classes)).astype(np.float32)
 
     def epoch_overhead():
         orders = {s.seed: np.concatenate(epoch_batches(s.seed, 0, n, 500)) for s in specs}
         rows = np.stack([orders[s.seed] for s in specs])
-        x1_train[rows]  # the per-epoch gather of the training rows is part of the fixed work
+        if kernel == "numpy":
+            x1_train[rows]  # the NumPy path's per-epoch gather of the training rows
         ys = data.y_train[rows]
         fused._epoch_metrics(logits, ys, labels[rows], 500)
-        return stack.evaluate(x1_test, data.y_test)
+        return stack.evaluate(*test)
 
-    benchmark.extra_info.update(engine="fused", models=len(specs), epochs=1, what="per-epoch fixed work")
+    benchmark.extra_info.update(engine=FUSED_ENGINES[kernel], models=len(specs), epochs=1, what="per-epoch fixed work")
     benchmark.pedantic(epoch_overhead, rounds=5 if QUICK else 50, iterations=1, warmup_rounds=1)
+
+
+FIRST_CALL = """import json, time
+t0 = time.perf_counter()
+import numba
+t1 = time.perf_counter()
+from harness.engines import kernel_stack, kernels
+t2 = time.perf_counter()
+kernel_stack.load()
+t3 = time.perf_counter()
+print(json.dumps({"import_numba_s": t1 - t0, "import_kernels_s": t2 - t1, "load_s": t3 - t2, "total_s": t3 - t0,
+                  "compiled": not kernels.train_steps.stats.cache_hits}))
+"""
+
+
+def first_call(cache: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_first_call(benchmark, tmp_path):
+    """numba's start-up in a fresh process, the cost kernel_choice weighs against a group's
+    savings: cold (an empty cache: compile both kernels) and warm (load them from the cache).
+    The benchmark's time is the cold process; extra_info splits both."""
+    runs: list[tuple[dict, dict]] = []
+
+    def cold_then_warm(cache):
+        runs.append((first_call(cache), first_call(cache)))
+
+    def fresh_cache():
+        return (str(tmp_path / f"cache{len(runs)}"),), {}
+
+    benchmark.pedantic(cold_then_warm, setup=fresh_cache, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(cold["compiled"] and not warm["compiled"] for cold, warm in runs)
+    best = {kind: min((run[i] for run in runs), key=lambda r: r["total_s"]) for i, kind in enumerate(("cold", "warm"))}
+    benchmark.extra_info.update(what="numba start-up in a fresh process (import numba + compile or cache load)",
+                                **{f"{kind}_{key}": value for kind, run in best.items() for key, value in run.items()
+                                   if key != "compiled"})
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
@@ -170,5 +258,5 @@ def test_floor_trains_the_same_model(batch_size):
 
     spec = make_spec(batch_size, 2)
     floor = train_floor(spec, initial_weights(spec.model, spec.problem, spec.seed))
-    fused = train_fused([spec]).weights[0]
+    fused = train_fused([spec], kernel="numpy").weights[0]
     assert max(float(np.abs(a - b).max()) for a, b in zip(floor, fused)) < 1e-6

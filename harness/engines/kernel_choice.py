@@ -1,0 +1,169 @@
+"""Which path trains a fused group, NumPy or the numba kernels, and where numba's compiled code
+lives. Imports neither numba nor the kernels: a group that stays on NumPy never pays for them.
+
+**The rule** (``choose_kernel``). numba pays off per update but costs a start-up once per
+process: importing numba and loading the compiled kernels from the cache (``WARM_START_S``,
+0.7 s), or, the first time on a machine, compiling them (``COLD_START_S``, 4 s). A group takes
+the numba path when the seconds it saves, estimated from its size, exceed what that start-up costs:
+
+    numpy_s(group) * (1 - share(batch size, activation, network size)) > start-up
+    start-up = WARM_START_S if the kernels are in the cache, else COLD_START_S
+
+``numpy_s`` is the NumPy path's time predicted from the update count, batch size, network size
+and scoring rows (``estimate_numpy_s``: within ~15 % of measured on the default network; it
+underestimates sigmoid and overestimates large networks at large batches, where numba is slower
+anyway); ``share`` is the numba path's time as a share of the NumPy path's (``NUMBA_SHARE``: for
+relu on the default network 0.3 at batch size 1, 0.9 from 32; on digits' 0.75 at 1, above 1 from 4).
+So with a warm cache a relu group at batch size 1 needs about 1 s of NumPy work to go to
+numba, at batch size 32 about 7 s; with a cold cache about 6 s at batch size 1 (a batch size of
+grids/full.yaml is ~6.5 s there). A small grid never waits for a compile it cannot win back;
+the first group big enough compiles once for the machine (``python -m
+harness.engines.kernel_stack`` compiles ahead of a run). The start-up is counted against every
+group, not just a process's first (a process that has loaded numba would not pay again), so that
+a group takes the same path in every worker, whatever that worker ran before.
+
+``HARNESS_FUSED_KERNEL`` (numpy, numba or auto, the default), or ``train_fused(kernel=...)``,
+overrides the rule: the tests run the whole fused suite on each path with it.
+
+**Cache.** ``cache_dir()`` is where the kernels are compiled to, chosen explicitly (numba's default
+``__pycache__`` beside the module is read-only in an installed package): ``$NUMBA_CACHE_DIR`` if
+set, else ``$XDG_CACHE_HOME/harness-numba`` (``~/.cache/harness-numba``), else
+``<tempdir>/harness-numba-<uid>`` when the home directory is not writable (a Ray worker or a CI
+runner without one), each with a sub-folder named by a hash of the kernel sources and numba's
+version. numba itself only notices edits to the file of the function it caches, not to the
+functions it calls in other files; the hash makes any edit start a fresh cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+KERNELS = ("numpy", "numba")
+CHOICES = ("auto", *KERNELS)
+ENV_VAR = "HARNESS_FUSED_KERNEL"
+SOURCES = ("kernel_math.py", "kernels.py")  # the numba code, beside this module
+
+# Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
+# under load from other jobs both grow to ~1.6x):
+WARM_START_S = 0.7  # import numba 0.25 s + import the kernels 0.06 s + load them from the cache 0.3 s
+COLD_START_S = 4.0  # the same, compiling both kernels instead of loading them (3.6 s)
+# The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
+# step, per model-row of a batch and per model-row of a scoring pass (both per unit of
+# P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).
+NUMPY_STEP_S = 18e-6
+NUMPY_MODEL_STEP_S = 0.9e-6
+NUMPY_ROW_PER_WEIGHT_S = 0.17e-6 / 300
+NUMPY_EVAL_ROW_PER_WEIGHT_S = 0.11e-6 / 300
+NUMPY_EPOCH_MODEL_S = 30e-6
+# The numba path's time as a share of the NumPy path's for a whole group (training and scoring,
+# 35 models, both paths measured in one run, rounded up) at batch sizes 1, 4, 32 and 500, for
+# the default network (P = 300: 2 features, 50 units, 3 classes) and for digits' (P = 3750: 64
+# features, 10 classes); interpolated on log2 of the batch size and of P, clamped at the ends.
+# The kernels' loops gain most where NumPy's per-call cost dominates: small batches of small
+# networks. Past batch size ~4, or at digits' size, BLAS's blocked matmuls are as fast or faster,
+# and tanh's loops are slower than NumPy's SIMD tanh, so such groups never go to numba.
+SHARE_BATCH_SIZES = (1, 4, 32, 500)
+SHARE_WEIGHTS = (300, 3750)
+NUMBA_SHARE = {"relu": ((0.3, 0.6, 0.9, 0.9), (0.75, 1.05, 1.5, 1.7)),
+               "sigmoid": ((0.35, 0.65, 0.95, 0.95), (0.8, 1.1, 1.55, 1.75)),
+               "tanh": ((0.4, 1.0, 1.5, 2.5), (0.65, 1.05, 1.6, 1.7))}
+
+
+@dataclass(frozen=True)
+class GroupSize:
+    """What the estimate needs to know about a group."""
+
+    models: int
+    batch_size: int
+    n_train: int
+    epochs: int
+    weights: int  # P = (F+1)*H + H*C, the multiply-adds of one row through the network
+    eval_rows: int  # rows scored per clock point (all splits)
+    eval_points: int
+    activation: str
+
+
+def estimate_numpy_s(g: GroupSize) -> float:
+    """Predicted seconds of the NumPy path for the whole group (training and clock points)."""
+    steps = -(-g.n_train // g.batch_size) * g.epochs
+    per_row = NUMPY_ROW_PER_WEIGHT_S * g.weights
+    train = steps * (NUMPY_STEP_S + g.models * NUMPY_MODEL_STEP_S) + g.epochs * g.n_train * g.models * per_row
+    scoring = g.eval_points * g.models * g.eval_rows * NUMPY_EVAL_ROW_PER_WEIGHT_S * g.weights
+    return train + scoring + g.epochs * g.models * NUMPY_EPOCH_MODEL_S
+
+
+def _interpolate(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
+    """Piecewise-linear ys(x) through (xs, ys), constant beyond the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        if x < x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def numba_share(batch_size: int, activation: str, weights: int = SHARE_WEIGHTS[0]) -> float:
+    """NUMBA_SHARE at a batch size and network size (P weights per row), interpolated on logs."""
+    log_batch = math.log2(batch_size)
+    small, large = (_interpolate(log_batch, tuple(math.log2(b) for b in SHARE_BATCH_SIZES), table)
+                    for table in NUMBA_SHARE[activation])
+    return _interpolate(math.log2(weights), tuple(math.log2(p) for p in SHARE_WEIGHTS), (small, large))
+
+
+def choose_kernel(g: GroupSize, requested: str | None = None) -> str:
+    """"numpy" or "numba" for a group: ``requested`` (or $HARNESS_FUSED_KERNEL) when it names a
+    path, else the rule of the module docstring."""
+    requested = requested or os.environ.get(ENV_VAR) or "auto"
+    if requested not in CHOICES:
+        raise ValueError(f"fused engine: unknown kernel {requested!r} (from {ENV_VAR} or kernel=); "
+                         f"valid: {', '.join(CHOICES)}")
+    if requested != "auto":
+        return requested
+    if importlib.util.find_spec("numba") is None:
+        return "numpy"
+    start_s = WARM_START_S if kernels_cached() else COLD_START_S
+    saved_s = estimate_numpy_s(g) * (1.0 - numba_share(g.batch_size, g.activation, g.weights))
+    return "numba" if saved_s > start_s else "numpy"
+
+
+@lru_cache(maxsize=1)
+def cache_dir() -> Path:
+    """The directory numba compiles the kernels to (module docstring), created if missing."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(importlib.metadata.version("numba").encode())
+    for name in SOURCES:
+        digest.update((here / name).read_bytes())
+    leaf = f"kernels-{digest.hexdigest()[:16]}"
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        candidates = [Path(os.environ["NUMBA_CACHE_DIR"])]
+    else:
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        candidates = [home / "harness-numba", Path(tempfile.gettempdir()) / f"harness-numba-{uid}"]
+    for base in candidates:
+        try:
+            (base / leaf).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(base / leaf, os.W_OK | os.X_OK):
+            return base / leaf
+    raise OSError(f"fused engine: no writable directory for numba's cache among {', '.join(map(str, candidates))}; "
+                  "set NUMBA_CACHE_DIR to one")
+
+
+def kernels_cached() -> bool:
+    """Whether both kernels are compiled in ``cache_dir()`` for this Python (numba's index files)."""
+    try:
+        folder = cache_dir()
+    except OSError:
+        return False
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return all(any(folder.rglob(f"kernels.{name}-*.{tag}.nbi")) for name in ("train_steps", "evaluate"))

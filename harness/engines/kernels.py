@@ -1,0 +1,256 @@
+"""numba kernels for the fused engine: every member of a group trained and scored in compiled
+loops, with the NumPy path's arithmetic (``fused._Stack``) rounding for rounding.
+
+Why compiled loops: the NumPy path issues ~25 ufunc and matmul calls per step for the whole
+stack; at small batches each call does little work, and their fixed cost dominates (1.4 µs per
+model-update at batch size 1 with 35 models, against ~0.2 µs here).
+
+Layout (``kernel_stack.NumbaStack`` holds it; ``fused._Stack`` keeps one [M, P] array): one contiguous array per
+tensor, W1b [M, F+1, H] (the bias as row F, x carries a ones column), W2T [M, C, H] (W2
+transposed, so every inner loop runs over contiguous hidden units), b2 [M, C], and the same for
+the momenta. No array views inside the loops: each view costs numba a reference-count pair.
+
+**Summation order.** Floats are not associative, so equal results need the same order of
+additions as the libraries behind the NumPy path. With ``exact=True`` the kernel sums as
+OpenBLAS 0.3's SkylakeX kernels do on the default network (2 features, 3 classes):
+  z1 = x1 @ W1b           sequential FMA over the F+1 inputs (bias last), any batch size;
+  logits, batch 1         sgemv's 3-column path (C = 3 only): pairs of hidden units, t + fma(a_k,
+                          w_k, a_k+1*w_k+1), then the H%4 tail by FMA; C != 3 falls to the next rule;
+  logits, batch > 1       16 FMA lanes (lane = unit mod 16) reduced by adjacent pairs for rows in
+                          the batch's whole 4-row blocks and by halves for the rest; + b2 apart;
+  da1 = p @ W2^T          sequential FMA over classes; at batch 1 with C = 3, sgemv_t's tail
+                          blocks for units from H&~7 up;
+  dW1b, dW2, db2          sequential over the batch rows (FMA, plain adds for db2);
+  softmax, SGD            as fused._Stack.step, with NumPy's float32 exp ported (kernel_math).
+``exact=False`` is one fixed order, whatever the BLAS: the batch > 1 rules for every row and
+batch size, sequential FMA for da1. Where the exact order is not the BLAS's own (another CPU or
+BLAS, or other shapes: see tests/test_kernels.py for which are bit-identical here) both orders
+differ from the NumPy path only in float32 rounding, as the NumPy path differs from Keras.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from harness.engines.kernel_math import (JIT, ONE, RELU, TANH, ZERO, f32, fmaf, np_expf, relu, relu_grad, sigmoid,
+                                         sigmoid_grad, tanh, tanh_grad)
+
+
+@numba.njit(**JIT)
+def _lanes_sum(lanes, pairwise):
+    """The 16 partial sums of a dot product reduced as the BLAS kernel does (see docstring)."""
+    if pairwise:
+        for l in range(8):
+            lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
+        for l in range(4):
+            lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
+        lanes[0] = lanes[0] + lanes[1]
+        lanes[1] = lanes[2] + lanes[3]
+    else:
+        for l in range(8):
+            lanes[l] = lanes[l] + lanes[l + 8]
+        for l in range(4):
+            lanes[l] = lanes[l] + lanes[l + 4]
+        lanes[0] = lanes[0] + lanes[2]
+        lanes[1] = lanes[1] + lanes[3]
+    return lanes[0] + lanes[1]
+
+
+@numba.njit(**JIT)
+def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, x1, y, rows, batch, s0, s1, logits, act, exact):
+    """Steps s0..s1-1 of one epoch for every model m: batch s is rows[m, s*batch:(s+1)*batch] of
+    x1 [N, F+1] (ones column last) and y [N, C] one-hot; updates the weights and momenta in
+    place and writes each row's pre-update logits to logits [M, N, C]. lr, mom [M] float32.
+    One function with its phases inline, not one per phase: numba reference-counts every array
+    handed to a call, and those atomics cost ~0.1 µs per model-update, half the budget."""
+    M, N = rows.shape
+    F1, H, C = W1s.shape[1], W1s.shape[2], W2s.shape[1]
+    xb, yb = np.empty((batch, F1), f32), np.empty((batch, C), f32)
+    z1, a1, dz = np.empty((batch, H), f32), np.empty((batch, H), f32), np.empty((batch, H), f32)
+    p, e, lanes = np.empty((batch, C), f32), np.empty(C, f32), np.empty(16, f32)
+    gW1, gW2, gb2 = np.empty((F1, H), f32), np.empty((C, H), f32), np.empty(C, f32)
+    t2, t4, t8 = H & ~1, H & ~3, H & ~7
+    gemv = exact and C == 3  # sgemv's small-matrix paths, emulated for 3 classes only
+    for s in range(s0, s1):
+        i0 = s * batch
+        b = min(batch, N - i0)
+        inv_b = ONE / f32(b)
+        blocks = (b // 4) * 4  # rows in whole 4-row blocks: their logits reduce pairwise
+        for m in range(M):
+            for r in range(b):  # gather the batch, so the loops below read contiguous rows
+                row = rows[m, i0 + r]
+                for f in range(F1):
+                    xb[r, f] = x1[row, f]
+                for c in range(C):
+                    yb[r, c] = y[row, c]
+            for r in range(b):
+                # hidden layer: sequential FMA over the inputs
+                for h in range(H):
+                    z1[r, h] = xb[r, 0] * W1s[m, 0, h]
+                for f in range(1, F1):
+                    xf = xb[r, f]
+                    for h in range(H):
+                        z1[r, h] = fmaf(xf, W1s[m, f, h], z1[r, h])
+                # one loop per activation, not a branch per unit: the relu loop then vectorizes
+                if act == RELU:
+                    for h in range(H):
+                        a1[r, h] = relu(z1[r, h])
+                elif act == TANH:
+                    for h in range(H):
+                        a1[r, h] = tanh(z1[r, h])
+                else:
+                    for h in range(H):
+                        a1[r, h] = sigmoid(z1[r, h])
+                # logits
+                if gemv and b == 1:
+                    for c in range(C):
+                        t = ZERO
+                        for k in range(0, t4, 2):
+                            t = t + fmaf(a1[r, k], W2s[m, c, k], a1[r, k + 1] * W2s[m, c, k + 1])
+                        for k in range(t4, H):
+                            t = fmaf(a1[r, k], W2s[m, c, k], t)
+                        p[r, c] = t + B2s[m, c]
+                else:
+                    for c in range(C):
+                        for l in range(16):
+                            lanes[l] = ZERO
+                        for k0 in range(0, H - 15, 16):  # lane l sums units k0 + l: one 16-wide vector FMA
+                            for l in range(16):
+                                lanes[l] = fmaf(a1[r, k0 + l], W2s[m, c, k0 + l], lanes[l])
+                        k0 = H - H % 16
+                        for l in range(H % 16):
+                            lanes[l] = fmaf(a1[r, k0 + l], W2s[m, c, k0 + l], lanes[l])
+                        p[r, c] = _lanes_sum(lanes, exact and r < blocks) + B2s[m, c]
+                for c in range(C):
+                    logits[m, i0 + r, c] = p[r, c]
+                # dLoss/dlogits = (softmax - y) / b, the softmax shifted by the row max as TF does
+                mx = p[r, 0]
+                for c in range(1, C):
+                    mx = mx if (mx >= p[r, c] or mx != mx) else p[r, c]  # np.maximum: NaN wins
+                for c in range(C):
+                    e[c] = np_expf(p[r, c] - mx)
+                total = e[0]
+                for c in range(1, C):
+                    total = total + e[c]
+                for c in range(C):
+                    q = e[c] / total - yb[r, c]
+                    p[r, c] = q * inv_b if b > 1 else q  # the NumPy path skips * 1/1 at batch 1
+                # da1 = p @ W2^T, then through the activation
+                for h in range(H):
+                    dz[r, h] = p[r, 0] * W2s[m, 0, h]
+                for c in range(1, C):
+                    pc = p[r, c]
+                    for h in range(H):
+                        dz[r, h] = fmaf(pc, W2s[m, c, h], dz[r, h])
+                if gemv and b == 1:  # sgemv_t's tail blocks sum the three classes in other orders
+                    for h in range(t8, H):
+                        w0, w1, w2 = W2s[m, 0, h], W2s[m, 1, h], W2s[m, 2, h]
+                        if t4 <= h < t2:
+                            dz[r, h] = (w0 * p[r, 0] + w1 * p[r, 1]) + w2 * p[r, 2]
+                        else:
+                            dz[r, h] = fmaf(w2, p[r, 2], fmaf(w0, p[r, 0], w1 * p[r, 1]))
+                if act == RELU:
+                    for h in range(H):
+                        dz[r, h] = relu_grad(z1[r, h], dz[r, h])
+                elif act == TANH:
+                    for h in range(H):
+                        dz[r, h] = tanh_grad(a1[r, h], dz[r, h])
+                else:
+                    for h in range(H):
+                        dz[r, h] = sigmoid_grad(a1[r, h], dz[r, h])
+            # weight gradients, sequential over the batch rows
+            for c in range(C):
+                for h in range(H):
+                    gW2[c, h] = a1[0, h] * p[0, c]
+                acc = p[0, c]
+                for r in range(1, b):
+                    pc = p[r, c]
+                    for h in range(H):
+                        gW2[c, h] = fmaf(a1[r, h], pc, gW2[c, h])
+                    acc = acc + pc
+                gb2[c] = acc
+            for f in range(F1):
+                for h in range(H):
+                    gW1[f, h] = xb[0, f] * dz[0, h]
+                for r in range(1, b):
+                    xf = xb[r, f]
+                    for h in range(H):
+                        gW1[f, h] = fmaf(xf, dz[r, h], gW1[f, h])
+            # Keras SGD: v = v*momentum - g*lr; w = w + v (four roundings, no FMA)
+            mu, eta = mom[m], lr[m]
+            for f in range(F1):
+                for h in range(H):
+                    v = V1s[m, f, h] * mu - gW1[f, h] * eta
+                    V1s[m, f, h] = v
+                    W1s[m, f, h] = W1s[m, f, h] + v
+            for c in range(C):
+                for h in range(H):
+                    v = V2s[m, c, h] * mu - gW2[c, h] * eta
+                    V2s[m, c, h] = v
+                    W2s[m, c, h] = W2s[m, c, h] + v
+                v = VBs[m, c] * mu - gb2[c] * eta
+                VBs[m, c] = v
+                B2s[m, c] = B2s[m, c] + v
+
+
+@numba.njit(**JIT)
+def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
+    """(loss [M] float32, accuracy [M] float64) of every model on all N rows: x1T [F+1, N] (the
+    ones row last), y [N, C] one-hot, labels [N] its class ids. Vectorized over the rows, so the
+    sums run in another order than the NumPy path's matmuls, and log is libm's: the loss agrees
+    to ~1e-7 relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with
+    NumPy's tie and NaN rules (fused.argmax_classes), as the NumPy path does."""
+    M, F1, H = W1s.shape
+    C, N = W2s.shape[1], x1T.shape[1]
+    z, lg, prob = np.empty(N, f32), np.empty((C, N), f32), np.empty(C, f32)
+    loss, accuracy = np.empty(M, f32), np.empty(M, np.float64)
+    for m in range(M):
+        for c in range(C):
+            for n in range(N):
+                lg[c, n] = ZERO
+        for h in range(H):  # one hidden unit for all rows at a time: contiguous, vectorizable
+            w = W1s[m, 0, h]
+            for n in range(N):
+                z[n] = x1T[0, n] * w
+            for f in range(1, F1):
+                w = W1s[m, f, h]
+                for n in range(N):
+                    z[n] = fmaf(x1T[f, n], w, z[n])
+            if act == RELU:
+                for n in range(N):
+                    z[n] = relu(z[n])
+            elif act == TANH:
+                for n in range(N):
+                    z[n] = tanh(z[n])
+            else:
+                for n in range(N):
+                    z[n] = sigmoid(z[n])
+            for c in range(C):
+                w = W2s[m, c, h]
+                for n in range(N):
+                    lg[c, n] = fmaf(z[n], w, lg[c, n])
+        total_loss, right = 0.0, 0
+        for n in range(N):
+            mx = lg[0, n] + B2s[m, 0]
+            for c in range(1, C):
+                v = lg[c, n] + B2s[m, c]
+                mx = mx if (mx >= v or mx != mx) else v
+            total = ZERO
+            for c in range(C):
+                prob[c] = np_expf((lg[c, n] + B2s[m, c]) - mx)
+                total = total + prob[c]
+            lse = np.log(total)
+            row_loss = ZERO
+            best, index = prob[0] / total, 0
+            for c in range(C):
+                row_loss = row_loss + y[n, c] * (lse - ((lg[c, n] + B2s[m, c]) - mx))
+                pc = prob[c] / total
+                if c > 0:
+                    if pc > best:
+                        index = c
+                    best = best if (best >= pc or best != best) else pc
+            total_loss += row_loss
+            right += index == labels[n]
+        loss[m] = total_loss / N
+        accuracy[m] = right / N
+    return loss, accuracy

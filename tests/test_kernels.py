@@ -1,0 +1,314 @@
+"""The numba kernels (harness/engines/kernels.py) against the fused engine's NumPy path, and the
+rule that picks between them (kernel_choice).
+
+**When the two paths are bit-identical.** The kernels' exact order (``exact=True``, used when
+``kernel_stack.blas_is_emulated()``: OpenBLAS with its SkylakeX kernels, as on the project machine,
+OpenBLAS 0.3.31 and NumPy 2.4 with its AVX512F exp) reproduces the NumPy path's weights bit for
+bit for relu and sigmoid networks with 3 classes and 50 or more hidden units, at every batch
+size (measured: 2 to 20 features, 50/64/100/128 units, batch sizes 1 to 500), and with 2 classes
+at batch sizes above 1. Elsewhere the BLAS picks other small-matrix paths whose order the kernels
+do not emulate: digits' 10 classes, fewer than ~50 hidden units, or another CPU or BLAS. tanh is
+never bit-identical (NumPy's float32 tanh is not ported; ours is within 0.5 ulp, NumPy's 1.4).
+Off those conditions the paths differ by float32 rounding only, as the NumPy path differs from
+Keras: the weight tolerances below are tests/test_fused.py's against Keras, and every test here
+that asserts bit-identity says so with ``BITWISE``.
+
+Evaluation passes (the clock's scoring of whole splits) run in another order than the NumPy
+path's matmuls and with libm's log: losses within 1e-6 relative, accuracies identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+import test_clock  # noqa: E402 - the suites re-run below on the numba path
+import test_datasets  # noqa: E402
+import test_fused  # noqa: E402
+from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
+from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels  # noqa: E402
+from harness.engines.fused import train_fused  # noqa: E402
+from harness.engines.kernel_choice import GroupSize, choose_kernel  # noqa: E402
+from harness.grid import TrialSpec  # noqa: E402
+from harness.problem import make_data  # noqa: E402
+
+EXACT = kernel_stack.blas_is_emulated()  # the condition of the module docstring
+DIGITS = ProblemConfig(dataset="digits", n_train=1000, n_val=397, standardize="zscore")
+
+
+def group(batch_size: int, epochs: int, activation: str = "relu", problem: ProblemConfig = ProblemConfig(),
+          learning_rates=(0.01, 0.003), schedule: str = "epoch") -> list[TrialSpec]:
+    """Members that differ in learning rate, seed and momentum (0.9 and 0: both update formulas)."""
+    return [TrialSpec(problem=problem, model=ModelConfig(activation=activation),
+                      train=TrainConfig(epochs=epochs, momentum=momentum, engine="fused", eval_schedule=schedule),
+                      batch_size=batch_size, learning_rate=lr, seed=seed)
+            for lr in learning_rates for seed in (0, 1) for momentum in (0.9, 0.0)]
+
+
+def weight_diff(a, b) -> float:
+    return max(float(np.abs(np.asarray(x, np.float64) - y).max()) for wa, wb in zip(a, b) for x, y in zip(wa, wb))
+
+
+def assert_scores_close(numpy_run, numba_run, bitwise: bool) -> None:
+    """Epoch records and clock points: training loss/accuracy (from the training logits) equal
+    bit for bit when the weights are; evaluation losses within 1e-6 relative; accuracies identical."""
+    for ra, rb in zip(numpy_run.records, numba_run.records):
+        assert [(r.epoch, r.updates) for r in ra] == [(r.epoch, r.updates) for r in rb]
+        for a, b in zip(ra, rb):
+            if bitwise:
+                np.testing.assert_array_equal([a.loss, a.accuracy], [b.loss, b.accuracy])  # NaN == NaN here
+            else:
+                assert b.loss == pytest.approx(a.loss, abs=test_fused.LOSS_ATOL) and a.accuracy == b.accuracy
+            assert b.val_loss == pytest.approx(a.val_loss, rel=1e-6, nan_ok=True) and a.val_accuracy == b.val_accuracy
+    for pa, pb in zip(numpy_run.points, numba_run.points):
+        for a, b in zip(pa, pb):
+            assert a.updates == b.updates
+            for split in ("train", "val", "test"):
+                assert getattr(b, f"{split}_loss") == pytest.approx(getattr(a, f"{split}_loss"), rel=1e-6, nan_ok=True)
+                assert getattr(b, f"{split}_accuracy") == getattr(a, f"{split}_accuracy") or \
+                    math.isnan(getattr(a, f"{split}_accuracy"))
+
+
+# name: (specs, bit-identical where EXACT holds, weight tolerance otherwise: test_fused's against
+# Keras for the batch size). Measured here, off the bitwise cases: tanh 1.2e-7, digits 1.8e-7.
+CASES = {
+    "bs1-1000-updates": (group(1, 2), True, 2e-4),
+    "bs7-ragged": (group(7, 3), True, 2e-5),
+    "bs500": (group(500, 5), True, 2e-6),
+    "bs7-geometric-clock": (group(7, 3, schedule="geometric"), True, 2e-5),
+    "sigmoid-bs50": (group(50, 3, "sigmoid", learning_rates=(0.05, 0.01)), True, 2e-5),
+    "tanh-bs50": (group(50, 3, "tanh"), False, 2e-5),  # our tanh is not NumPy's
+    "digits-bs48": (group(48, 3, problem=DIGITS), False, 2e-5),  # 64 features, 10 classes: not emulated
+    "digits-bs1": (group(1, 1, problem=DIGITS, learning_rates=(0.003, 0.001)), False, 2e-4),
+    **{f"bs{b}": (group(b, 2), True, 2e-5) for b in (2, 3, 32, 64, 499)},  # the research's other batch sizes
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_numba_path_trains_what_the_numpy_path_trains(name):
+    specs, bitwise, tolerance = CASES[name]
+    bitwise = bitwise and EXACT
+    numpy_run, numba_run = train_fused(specs, kernel="numpy"), train_fused(specs, kernel="numba")
+    if bitwise:  # BITWISE
+        assert weight_diff(numpy_run.weights, numba_run.weights) == 0.0
+    else:
+        assert weight_diff(numpy_run.weights, numba_run.weights) < tolerance
+    assert_scores_close(numpy_run, numba_run, bitwise)
+
+
+def test_a_diverging_member_stops_alike_and_leaves_its_neighbours_bit_identical():
+    calm = group(7, 4)[:2]
+    wild = dataclasses.replace(calm[0], learning_rate=1e3)
+    specs = [calm[0], wild, calm[1]]
+    numpy_run, numba_run = train_fused(specs, kernel="numpy"), train_fused(specs, kernel="numba")
+    assert [len(r) for r in numpy_run.records] == [len(r) for r in numba_run.records] == [4, 1, 4]
+    assert not math.isfinite(numba_run.records[1][-1].loss)
+    if EXACT:  # BITWISE, the blown-up member's NaN and inf weights included
+        for a, b in zip(numpy_run.weights, numba_run.weights):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    assert_scores_close(numpy_run, numba_run, EXACT)
+    alone = train_fused(calm, kernel="numba")
+    assert weight_diff([numba_run.weights[0], numba_run.weights[2]], alone.weights) == 0.0
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("problem", [ProblemConfig(), DIGITS], ids=["blobs", "digits"])
+def test_evaluation_pass_matches_numpy(activation, problem):
+    """Trained weights of a stack, and two blown-up members (a NaN weight, an infinite logit),
+    scored on every split by both paths."""
+    specs = group(7, 2, activation, problem)
+    training = train_fused(specs, kernel="numpy")
+    w1, b1, w2, b2 = (np.stack([w[i] for w in training.weights]) for i in range(4))
+    w1[0, 0, 0] = np.nan
+    b2[1, 0] = np.inf
+    theta = np.concatenate([w.reshape(len(w), -1) for w in (w1, b1, w2, b2)], axis=1)
+    shape = (w1.shape[1], w1.shape[2], w2.shape[2])
+    ones = np.ones((len(theta), 1), np.float32)
+    numba_stack = kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), ones, ones, shape, activation, EXACT)
+    numpy_stack = fused._Stack(theta, np.zeros_like(theta), ones, ones, shape, activation)
+    for x, y in make_data(problem).splits().values():
+        # The kernel itself, even where NumbaStack scores with NumPy because that is faster there
+        x1t = np.ascontiguousarray(fused.with_ones(x).T)
+        with np.errstate(all="ignore"):
+            loss_a, accuracy_a = numpy_stack.evaluate(*numpy_stack.eval_input(x, y))
+            loss_b, accuracy_b = kernels.evaluate(*numba_stack.tensors[:3], x1t, np.array(y), y.argmax(axis=1),
+                                                  kernel_math.ACTIVATION_CODES[activation])
+            loss_c, accuracy_c = numba_stack.evaluate(*numba_stack.eval_input(x, y))  # what the clock calls
+        np.testing.assert_array_equal(accuracy_c, accuracy_a)
+        np.testing.assert_allclose(loss_c, loss_a, rtol=1e-6)
+        finite = np.isfinite(loss_a)
+        assert not finite[:2].any() and finite[2:].all() and np.array_equal(finite, np.isfinite(loss_b))
+        np.testing.assert_allclose(loss_b[finite], loss_a[finite], rtol=1e-6)
+        np.testing.assert_array_equal(accuracy_b, accuracy_a)
+
+
+def test_fixed_order_stays_within_the_keras_tolerances(monkeypatch):
+    """The order used where the BLAS's is not emulated, on this machine: test_fused's cases and
+    tolerances against Keras itself."""
+    monkeypatch.setattr(kernel_stack, "blas_is_emulated", lambda: False)
+    cases = [(test_fused.make_spec(1, 2), 2e-4), (test_fused.make_spec(7, 3, momentum=0.0), 2e-5),
+             (test_fused.make_spec(7, 3, seed=3), 2e-5), (test_fused.make_spec(500, 5), 2e-6),
+             (test_fused.make_spec(50, 3, activation="tanh", seed=1), 2e-5),
+             (test_fused.make_spec(50, 3, learning_rate=0.05, activation="sigmoid"), 2e-5)]
+    for spec, tolerance in cases:
+        keras_weights, keras_records, _ = test_fused.keras_reference(spec)
+        training = train_fused([spec], kernel="numba")
+        assert test_fused.max_weight_diff(training.weights[0], keras_weights) < tolerance, spec
+        test_fused.assert_records_close(training.records[0], keras_records)
+
+
+@numba.njit(cache=False)
+def exp_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = kernel_math.np_expf(x[i])
+    return out
+
+
+@numba.njit(cache=False)
+def tanh_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = kernel_math.tanh(x[i])
+    return out
+
+
+def test_exp_port_is_numpys_exp():
+    """BITWISE on any CPU where NumPy runs its AVX2/AVX512F float32 exp (the one ported)."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if not (__cpu_features__.get("AVX512F") or __cpu_features__.get("AVX2")):
+        pytest.skip("NumPy's SIMD exp (the ported one) is not what np.exp runs on this CPU")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.exponential(3.0, 1_000_000), rng.uniform(-110.0, 90.0, 1_000_000),
+                        rng.uniform(-1.0, 1.0, 1_000_000),  # every range: overflow, subnormal results, near 1
+                        [np.nan, np.inf, -np.inf, 0.0, -0.0, 88.72283935546875, 88.7228, -103.97208404541015625,
+                         -103.972, -87.4, -100.0, 1e-30, -1e-30]]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(exp_array(x).view(np.int32), np.exp(x).view(np.int32))
+
+
+def test_tanh_is_within_half_an_ulp():
+    x = np.concatenate([np.random.default_rng(0).normal(0, 2, 200_000), 10.0 ** np.linspace(-40, 1.2, 20_000),
+                        [0.0, 9.0, 10.0, 1e30, np.inf]]).astype(np.float32)
+    x = np.concatenate([x, -x])
+    got, exact = tanh_array(x), np.tanh(x.astype(np.float64))
+    assert np.max(np.abs(got - exact) / np.spacing(np.abs(got)).astype(np.float64)) <= 0.5 + 1e-6
+    assert np.array_equal(np.signbit(got), np.signbit(x))  # odd, and -0.0 stays -0.0
+    assert np.isnan(tanh_array(np.array([np.nan], np.float32))[0])
+
+
+def grid_group(models: int, batch_size: int, epochs: int, activation: str = "relu") -> GroupSize:
+    return GroupSize(models=models, batch_size=batch_size, n_train=500, epochs=epochs, weights=300, eval_rows=1000,
+                     eval_points=epochs + 1, activation=activation)
+
+
+def test_rule_keeps_small_groups_on_numpy_and_puts_large_ones_on_numba(monkeypatch):
+    monkeypatch.delenv(kernel_choice.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
+    smoke = grid_group(2, 32, 10)  # grids/smoke.yaml's size: milliseconds of work
+    full_bs1 = grid_group(35, 1, 200)  # a batch size of grids/full.yaml: seconds of work
+    middle = grid_group(35, 1, 80)
+    assert kernel_choice.estimate_numpy_s(smoke) < 0.1 and kernel_choice.estimate_numpy_s(full_bs1) > 5
+    assert 1.5 < kernel_choice.estimate_numpy_s(middle) < 6
+    assert choose_kernel(smoke) == "numpy" and choose_kernel(full_bs1) == choose_kernel(middle) == "numba"
+    assert choose_kernel(grid_group(35, 32, 200, "tanh")) == "numpy"  # numba's tanh is slower there
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: False)  # a compile is only worth a big group
+    assert choose_kernel(middle) == "numpy" and choose_kernel(grid_group(35, 1, 1000)) == "numba"
+
+
+def test_saving_exceeds_the_start_up_it_pays(monkeypatch):
+    """No group that the rule sends to numba saves less than numba's start-up costs it."""
+    monkeypatch.delenv(kernel_choice.ENV_VAR, raising=False)
+    for cached, start_s in ((True, kernel_choice.WARM_START_S), (False, kernel_choice.COLD_START_S)):
+        monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: cached)
+        for activation in ("relu", "tanh", "sigmoid"):
+            for batch_size in (1, 2, 7, 32, 100, 500):
+                for epochs in (1, 5, 20, 50, 100, 200, 1000):
+                    g = grid_group(35, batch_size, epochs, activation)
+                    share = kernel_choice.numba_share(batch_size, activation, g.weights)
+                    saved_s = kernel_choice.estimate_numpy_s(g) * (1 - share)
+                    assert (choose_kernel(g) == "numba") == (saved_s > start_s)
+
+
+def test_override_and_its_error(monkeypatch):
+    monkeypatch.setenv(kernel_choice.ENV_VAR, "numba")
+    assert choose_kernel(grid_group(1, 500, 1)) == "numba"
+    assert choose_kernel(grid_group(1, 500, 1), "numpy") == "numpy"  # the argument wins
+    monkeypatch.setenv(kernel_choice.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=r"unknown kernel 'fast' .*valid: auto, numpy, numba"):
+        choose_kernel(grid_group(1, 500, 1))
+    monkeypatch.delenv(kernel_choice.ENV_VAR)
+    monkeypatch.setattr(kernel_choice.importlib.util, "find_spec", lambda name: None)  # numba not installed
+    assert choose_kernel(grid_group(35, 1, 1000)) == "numpy"
+
+
+def test_cache_dir_is_explicit_and_falls_back_to_a_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    kernel_choice.cache_dir.cache_clear()
+    assert kernel_choice.cache_dir().parent == tmp_path / "xdg" / "harness-numba"
+    unusable = tmp_path / "a-file"  # a home whose cache cannot be a directory
+    unusable.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(unusable))
+    kernel_choice.cache_dir.cache_clear()
+    assert kernel_choice.cache_dir().parent.parent == Path(tempfile.gettempdir())
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "chosen"))
+    kernel_choice.cache_dir.cache_clear()
+    folder = kernel_choice.cache_dir()
+    assert folder.parent == tmp_path / "chosen" and folder.name.startswith("kernels-") and folder.is_dir()
+    kernel_choice.cache_dir.cache_clear()
+
+
+def test_numba_caches_where_the_harness_says():
+    kernel_stack.load()
+    assert numba.config.CACHE_DIR == str(kernel_choice.cache_dir()) and kernel_choice.kernels_cached()
+    assert kernel_math.JIT["cache"]
+
+
+@pytest.mark.slow
+def test_fresh_process_compiles_once_then_loads_from_the_cache(tmp_path):
+    """A new cache directory (a new machine, CI, a Ray worker's first group): the first process
+    compiles, the second loads, and neither touches os.environ."""
+    script = ("import os, time; before = dict(os.environ); t = time.perf_counter()\n"
+              "from harness.engines import kernels, kernel_choice, kernel_stack; kernel_stack.load()\n"
+              "assert dict(os.environ) == before and kernel_choice.kernels_cached()\n"
+              "print(kernels.train_steps.stats.cache_hits and 'hit' or 'miss', time.perf_counter() - t)")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    (first, first_s), (second, second_s) = (r.stdout.split() for r in runs)
+    assert (first, second) == ("miss", "hit"), [r.stderr for r in runs]
+    assert float(second_s) < float(first_s)
+    assert list(tmp_path.glob("kernels-*/**/kernels.train_steps-*.nbi"))
+
+
+# --- the fused suites again, on the numba path ------------------------------------------------
+# Groups there are small, so the rule keeps them on NumPy; HARNESS_FUSED_KERNEL forces numba.
+
+RERUN = {test_fused: [name for name in vars(test_fused) if name.startswith("test_")],
+         test_clock: ["test_points_are_scored_on_whole_splits_and_end_at_the_final_scores",
+                      "test_update_clock_is_the_same_in_both_engines", "test_finite_blow_up_is_diverged_in_both_engines",
+                      "test_divergence_factor_is_a_grid_key"],
+         test_datasets: ["test_changed_file_fails_its_trials_with_one_line_naming_it",
+                         "test_both_engines_give_equal_results_on"]}
+for _module, _names in RERUN.items():
+    for _name in _names:
+        globals()[f"{_name}__numba"] = getattr(_module, _name)
+
+
+@pytest.fixture(autouse=True)
+def numba_for_the_reruns(request, monkeypatch):
+    if request.node.name.split("[")[0].endswith("__numba"):
+        monkeypatch.setenv(kernel_choice.ENV_VAR, "numba")
+    yield
