@@ -122,7 +122,8 @@ def test_result_fields_match_keras_engine():
     for name in ("train_loss", "test_loss"):
         assert getattr(result, name) == pytest.approx(getattr(keras_result, name), abs=LOSS_ATOL)
     assert_records_close(result.epochs, keras_result.epochs)
-    assert result.spec == spec and result.engine_version == f"numpy {np.__version__}"
+    # what trained it: the NumPy path, or the numba kernels beside it
+    assert result.spec == spec and result.engine_version.split(" + ")[0] == f"numpy {np.__version__}"
     assert result.started_at <= result.finished_at
 
 

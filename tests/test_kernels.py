@@ -312,3 +312,14 @@ def numba_for_the_reruns(request, monkeypatch):
     if request.node.name.split("[")[0].endswith("__numba"):
         monkeypatch.setenv(kernel_choice.ENV_VAR, "numba")
     yield
+
+
+def test_results_say_which_path_trained_them(monkeypatch):
+    import numba
+
+    spec = TrialSpec(problem=ProblemConfig(), model=ModelConfig(), train=TrainConfig(epochs=1, engine="fused"),
+                     batch_size=100, learning_rate=0.01, seed=0)
+    for path, version in (("numpy", f"numpy {np.__version__}"),
+                          ("numba", f"numpy {np.__version__} + numba {numba.__version__}")):
+        monkeypatch.setenv("HARNESS_FUSED_KERNEL", path)
+        assert fused.run_group([spec])[0].engine_version == version

@@ -1,7 +1,7 @@
 """Engines train units of work; ``run_group`` is the one dispatch the schedulers call.
 
 ``keras`` is the reference (Keras 3 ``fit``, one trial per task); ``fused`` trains a group of
-trials as one stacked NumPy computation, proven equal to Keras by tests/test_fused.py. A new
+trials as one stacked computation (NumPy, or numba kernels where they pay), proven equal to Keras by tests/test_fused.py. A new
 engine is a module here with ``run_group(specs) -> list[TrialResult]`` and a line in RUNNERS.
 """
 from __future__ import annotations

@@ -61,6 +61,7 @@ class FusedTraining:
     records: tuple[tuple[EpochRecord, ...], ...]
     points: tuple[tuple[PointRecord, ...], ...]
     wall_clock_s: float  # the group's training seconds (all epochs with their test-set passes)
+    engine_version: str = f"numpy {np.__version__}"  # what trained it: numpy, or numpy + numba kernels
 
 
 def activate(name: str, z: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -348,8 +349,8 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     theta, shape = _stack_initial(specs)
     lr = np.array([[s.learning_rate] for s in specs], np.float32)
     momentum = np.array([[s.train.momentum] for s in specs], np.float32)
-    stack = _make_stack(choose_kernel(_group_size(specs, shape), kernel), theta, lr, momentum, shape,
-                        first.model.activation)
+    path = choose_kernel(_group_size(specs, shape), kernel)
+    stack = _make_stack(path, theta, lr, momentum, shape, first.model.activation)
     members = np.arange(len(specs))  # spec index of each active row of the stack
     final: list[Weights | None] = [None] * len(specs)
     records: list[list[EpochRecord]] = [[] for _ in specs]
@@ -396,8 +397,13 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     wall = time.perf_counter() - start
     for row, i in enumerate(members):
         final[i] = tuple(w[row].copy() for w in stack.weights())
+    version = f"numpy {np.__version__}"
+    if path == "numba":
+        import numba
+
+        version += f" + numba {numba.__version__}"
     return FusedTraining(specs=specs, weights=tuple(final), records=tuple(tuple(r) for r in records),
-                         points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall)
+                         points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall, engine_version=version)
 
 
 def _group_size(specs: Sequence[TrialSpec], shape: tuple[int, int, int]) -> GroupSize:
@@ -430,6 +436,6 @@ def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
     size = len(specs)
     return [TrialResult(spec=spec, **summarize(spec, records, points), wall_clock_s=training.wall_clock_s / size,
                         group_size=size, group_wall_clock_s=training.wall_clock_s,
-                        engine_version=f"numpy {np.__version__}", started_at=started, finished_at=utc_now(),
+                        engine_version=training.engine_version, started_at=started, finished_at=utc_now(),
                         epochs=records, points=points)
             for spec, records, points in zip(training.specs, training.records, training.points)]
