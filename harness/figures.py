@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import textwrap
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.collections import LineCollection
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 from harness import analysis
 from harness.config import ProblemConfig
@@ -43,8 +47,14 @@ def add_title(fig: Figure, title: str, note: str = "") -> None:
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize="large")
 
 
+def wrap_to(fig: Figure, text: str) -> str:
+    """``text`` with each line wrapped to the figure's width (small type: about 15 characters an inch)."""
+    width = int(fig.get_figwidth() * 15)
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
 def add_caption(fig: Figure, text: str) -> None:
-    fig.supxlabel(text, fontsize="small", color="#444444")
+    fig.supxlabel(wrap_to(fig, text), fontsize="small", color="#444444")
 
 
 def bs_axis(ax, sizes) -> None:
@@ -80,57 +90,155 @@ def bs_palette(sizes) -> dict[int, tuple]:
     return {int(b): colors[i] for i, b in enumerate(sizes)}
 
 
-def _cell(df: pd.DataFrame, bs, lr) -> pd.DataFrame:
-    return df[(df["batch_size"] == bs) & (df["learning_rate"] == lr)]
+# Dense grids. A figure draws every learning rate only while that stays readable; past that it
+# draws each batch size's best rate and a few log-spaced ones (``choose_rates``), and says so.
+# The heatmap keeps every cell but drops the per-cell numbers past a size (summary.csv has them).
+MAX_ALL_RATES = 8  # up to this many rates, the curves and stability figures draw every one
+SPACED_RATES = 4  # past it: each batch size's best rate and this many log-spaced ones
+MAX_PANEL_SIZES = 10  # batch sizes side by side in the learning curves; past it, log-spaced ones
+LABEL_MAX_RATES, LABEL_MAX_SIZES = 16, 12  # the heatmap writes numbers in its cells up to this grid
+
+
+def log_spaced(values, k: int) -> list:
+    """``k`` of the sorted distinct ``values`` spread evenly in log: the smallest, the largest and
+    the nearest (in log) to geometric steps between them; all of them when there are ``k`` or fewer."""
+    values = sorted(set(values))
+    if len(values) <= k:
+        return values
+    logs = np.log(np.asarray(values, dtype=float))
+    chosen: list[int] = []
+    for goal in np.linspace(logs[0], logs[-1], k):
+        free = [i for i in range(len(values)) if i not in chosen]
+        chosen.append(min(free, key=lambda i: abs(logs[i] - goal)))
+    return [values[i] for i in sorted(chosen)]
+
+
+def _rate_list(rates) -> str:
+    return ", ".join(lr_text(r) for r in rates)
+
+
+@dataclasses.dataclass(frozen=True)
+class RateChoice:
+    """Which learning rates a figure with a row or line per rate draws, and the caption saying so.
+    ``best`` is empty when every rate is drawn; else it maps each batch size to its own best rate
+    (NaN when every rate diverged), drawn as a row or line of its own beside ``rates``."""
+
+    rates: tuple[float, ...]  # drawn at every batch size, ascending
+    best: dict[int, float]
+    tried: int
+    caption: str
+
+    @property
+    def every_rate(self) -> bool:
+        return not self.best
+
+
+def choose_rates(trials: pd.DataFrame, rates=None, max_all: int = MAX_ALL_RATES,
+                 spaced: int = SPACED_RATES) -> RateChoice:
+    """Every rate while there are at most ``max_all``; past that, each batch size's best rate by
+    final accuracy on the selection split (highest mean among rates where no seed diverged, ties
+    to the smaller: ``scaling.best_settings``) and ``spaced`` rates log-spaced over those tried."""
+    from harness import scaling  # scaling's figures import this module
+
+    rates = sorted({*trials["learning_rate"], *(rates if rates is not None else ())})
+    if len(rates) <= max_all:
+        return RateChoice(tuple(rates), {}, len(rates), f"every learning rate tried ({_rate_list(rates)})")
+    chosen = scaling.selection(trials)
+    best = scaling.best_settings(trials, chosen)
+    best_of = {int(b): float(lr) for b, lr in zip(best["batch_size"], best["learning_rate"])}
+    shown = log_spaced(rates, spaced)
+    drawn = {*shown, *(lr for lr in best_of.values() if lr == lr)}
+    caption = (f"learning rates: each batch size's best (highest mean final {chosen.split} accuracy among rates "
+               f"where no seed diverged) and {len(shown)} log-spaced over the {len(rates)} tried "
+               f"({_rate_list(shown)}); the other {len(rates) - len(drawn)} rates are left out here (every "
+               f"cell is in the heatmap and summary.csv)")
+    return RateChoice(tuple(shown), best_of, len(rates), caption)
+
+
+def _groups(df: pd.DataFrame, keys) -> dict:
+    """{key: rows} in one pass (a mask per panel would read the whole frame once per panel)."""
+    return {k: g for k, g in df.groupby(keys, sort=False)} if len(df) else {}
 
 
 def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str = "",
                          expected: Mapping[tuple[int, float], int] | None = None) -> Figure:
-    """Train and test accuracy per epoch, one panel per batch size and one row per learning
-    rate: mean over the ok seeds with a 95% t-interval band. Diverged seeds are drawn thin and
-    grey and left out of the mean; ``expected`` (cell -> trials planned) labels short cells."""
-    curve = analysis.curves(trials, epochs)
-    bands = analysis.curve_bands(curve)
+    """Train and test accuracy per epoch, one panel per batch size and one row per learning rate
+    (``choose_rates``: every rate of a small grid; of a dense one, a row of each batch size's best
+    rate, then a few log-spaced ones; at most MAX_PANEL_SIZES batch sizes, log-spaced): mean over
+    the ok seeds with a 95% t-interval band. Diverged seeds are drawn thin and grey and left out
+    of the mean; ``expected`` (cell -> trials planned) labels short cells. The caption states
+    which rates and batch sizes are drawn and which are left out."""
     expected = expected or {}
-    sizes = sorted({*trials["batch_size"], *(b for b, _ in expected)})
-    rates = sorted({*trials["learning_rate"], *(lr for _, lr in expected)})
+    all_sizes = sorted({*trials["batch_size"], *(b for b, _ in expected)})
+    choice = choose_rates(trials, [lr for _, lr in expected])
+    sizes = log_spaced(all_sizes, MAX_PANEL_SIZES)
+    rows: list = [*([None] if choice.best else []), *reversed(choice.rates)]  # None: each batch size's best
+
+    def rate_of(row, bs) -> float:
+        return choice.best.get(int(bs), math.nan) if row is None else row
+
+    drawn = {(int(bs), rate_of(row, bs)) for row in rows for bs in sizes}
+    cells = pd.MultiIndex.from_frame(trials[["batch_size", "learning_rate"]].astype({"batch_size": int}))
+    shown = trials[cells.isin(list(drawn))] if len(trials) else trials
+    curve = analysis.curves(shown, epochs)
+    by_band = _groups(analysis.curve_bands(curve), analysis.CELL) if len(curve) else {}
+    by_curve, by_trials = _groups(curve, analysis.CELL), _groups(shown, analysis.CELL)
     # One learning rate: wrap the batch sizes into rows of four, so the classic figure stays
     # readable on a page instead of one long strip.
-    wrap = 4 if len(rates) == 1 and len(sizes) > 4 else len(sizes)
-    n_rows, n_cols = len(rates) * -(-len(sizes) // wrap), min(wrap, len(sizes))
+    wrap = 4 if len(rows) == 1 and len(sizes) > 4 else len(sizes)
+    n_rows, n_cols = len(rows) * -(-len(sizes) // wrap), min(wrap, len(sizes))
     with plot_style():
-        fig = new_figure(max(2.3 * n_cols + 0.8, 7.5), 2.0 * n_rows + 1.1)  # room for the legend's note
+        fig = new_figure(max(2.3 * n_cols + 0.8, 7.5), 2.0 * n_rows + 1.5)  # room for the legend's note
         axes = fig.subplots(n_rows, n_cols, sharex=True, sharey=True, squeeze=False)
-        for ax in axes.flat[len(rates) * len(sizes):]:
+        for ax in axes.flat[len(rows) * len(sizes):]:
             ax.set_visible(False)
-        for k, (lr, bs) in enumerate((lr, bs) for lr in reversed(rates) for bs in sizes):
+        for k, (row, bs) in enumerate((row, bs) for row in rows for bs in sizes):
             i, j = divmod(k, n_cols)
-            ax, cell = axes[i][j], _cell(trials, bs, lr)
-            band = _cell(bands, bs, lr)
-            for split, color in TRAIN_TEST.items():
+            lr = rate_of(row, bs)
+            ax, key = axes[i][j], (bs, lr)
+            band = by_band.get(key)
+            for split, color in TRAIN_TEST.items() if band is not None else ():  # none: pending or no ok seed
                 b = band[band["split"] == split]
                 # Accuracy lives in [0, 1]; a t-interval over two or three seeds does not know
                 # that, and unclipped it would squash every curve into a sliver.
-                ax.fill_between(b["epoch"], b["low"].clip(0, 1), b["high"].clip(0, 1), color=color, alpha=0.25,
-                                linewidth=0)
-                ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2)
-            for _, bad in _cell(curve, bs, lr).query("status == 'diverged'").groupby("trial_id"):
-                ax.plot(bad["epoch"], bad["val_accuracy"], color=DIVERGED_COLOR, linewidth=0.7)
-            ax.text(0.97, 0.04, _cell_label(cell, expected.get((int(bs), float(lr)))),
-                    transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+                low, high = b["low"].clip(0, 1), b["high"].clip(0, 1)
+                ax.fill_between(b["epoch"], low, high, color=color, alpha=0.25, linewidth=0)
+                few = len(b) < 3  # a curve of one or two epochs: markers and bars, or nothing would show
+                ax.plot(b["epoch"], b["mean"], color=color, linewidth=1.2, marker="o" if few else None, markersize=4)
+                if few:
+                    ax.vlines(b["epoch"], low, high, color=color, alpha=0.5, linewidth=2)
+            bad = by_curve.get(key, pd.DataFrame(columns=["status"])).query("status == 'diverged'")
+            if len(bad):  # one collection, however many seeds diverged
+                ax.add_collection(LineCollection([g[["epoch", "val_accuracy"]].to_numpy(dtype=float)
+                                                  for _, g in bad.groupby("trial_id")],
+                                                 colors=DIVERGED_COLOR, linewidths=0.7))
+                if bad["epoch"].max() < 2:  # single points: a line would not show them
+                    ax.scatter(bad["epoch"], bad["val_accuracy"], s=8, marker="x", color=DIVERGED_COLOR,
+                               linewidth=0.7)
+                ax.autoscale_view()
+            label = _cell_label(by_trials.get(key, trials.iloc[:0]), expected.get((int(bs), float(lr))))
+            if row is None:
+                label = (f"best lr {lr_text(lr)}\n" if lr == lr else "every lr diverged\n") + label
+            ax.text(0.97, 0.04, label, transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1.0})
             ax.set_title(f"batch size {bs}" if i == 0 or wrap < len(sizes) else "", fontsize="medium")
-            ax.set_ylabel(f"lr {lr_text(lr)}\naccuracy" if j == 0 else "")
-            ax.set_xlabel("epoch" if k + n_cols >= len(rates) * len(sizes) else "")
+            name = "best lr" if row is None else f"lr {lr_text(lr)}"
+            ax.set_ylabel(f"{name}\naccuracy" if j == 0 else "")
+            ax.set_xlabel("epoch" if k + n_cols >= len(rows) * len(sizes) else "")
             if wrap < len(sizes):  # a wrapped last row may be short: label every panel's epochs
                 ax.xaxis.set_tick_params(labelbottom=True)
+        axes[0][0].xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))  # shared: whole epochs, every panel
         handles = [Line2D([], [], color=c, label=s) for s, c in TRAIN_TEST.items()]
         if (curve["status"] == "diverged").any():
             handles.append(Line2D([], [], color=DIVERGED_COLOR, linewidth=0.7, label="diverged seed (test)"))
+        left_out = [b for b in all_sizes if b not in sizes]
+        panels = choice.caption + (f"; batch sizes: {len(sizes)} log-spaced of the {len(all_sizes)} tried "
+                                   f"({len(left_out)} left out: {', '.join(map(str, left_out))})" if left_out
+                                   else "; every batch size tried")
         fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize="small",
                    title_fontsize="small", title="mean over ok seeds with 95% CI band (clipped to [0, 1])\n"
                                                  "train = running accuracy over the epoch's batches, "
-                                                 "test = after the epoch")
+                                                 "test = after the epoch\n" + wrap_to(fig, panels))
         add_title(fig, "Learning curves", note)
     return fig
 
@@ -151,23 +259,29 @@ def _cell_label(cell: pd.DataFrame, expected: int | None) -> str:
 
 
 def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
-                          expected: Mapping[tuple[int, float], int] | None = None) -> Figure:
-    """Mean final test accuracy over the ok seeds of each (batch size, learning rate) cell, with
-    its 95% CI half-width. A cell whose seeds all diverged or failed is hatched and labelled, a
-    cell where some did has a red frame and says how many were left out of the mean."""
-    cells = analysis.summarize_cells(trials)
+                          expected: Mapping[tuple[int, float], int] | None = None,
+                          cells: pd.DataFrame | None = None) -> Figure:
+    """Mean final test accuracy over the ok seeds of each (batch size, learning rate) cell. Up to
+    LABEL_MAX_RATES x LABEL_MAX_SIZES cells each is labelled with its 95% CI and seed counts; a
+    cell whose seeds all diverged or failed is hatched and labelled, a cell where some did has a
+    red frame and says how many were left out of the mean. A denser grid is drawn on log axes
+    without per-cell text (``_dense_heatmap``). ``cells``: ``analysis.summarize_cells`` of the
+    trials, when the caller has it (it is computed otherwise)."""
+    cells = analysis.summarize_cells(trials) if cells is None else cells
     expected = expected or {}
     sizes = sorted({*cells["batch_size"], *(b for b, _ in expected)})
     rates = sorted({*cells["learning_rate"], *(lr for _, lr in expected)}, reverse=True)
     grid = cells.pivot(index="learning_rate", columns="batch_size", values="test_acc_mean")
     grid = grid.reindex(index=rates, columns=sizes)
-    by_cell = {(int(r.batch_size), float(r.learning_rate)): r for r in cells.itertuples()}
     values = grid.to_numpy(dtype=float)
     finite = values[np.isfinite(values)]
     vmin, vmax = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if vmax - vmin < 0.02:
         vmin, vmax = vmin - 0.01, vmax + 0.01
     cmap = sns.color_palette("viridis", as_cmap=True)
+    if len(rates) > LABEL_MAX_RATES or len(sizes) > LABEL_MAX_SIZES:
+        return _dense_heatmap(cells, grid, expected, cmap, vmin, vmax, note)
+    by_cell = {(int(r.batch_size), float(r.learning_rate)): r for r in cells.itertuples()}
     with plot_style():
         fig = new_figure(max(7.0, 1.6 * len(sizes) + 2.6), 0.75 * len(rates) + 2.4)
         ax = fig.subplots()
@@ -181,9 +295,69 @@ def plot_accuracy_heatmap(trials: pd.DataFrame, note: str = "",
         ax.set_xlabel("batch size (log2 order)")
         ax.set_ylabel("learning rate")
         ax.tick_params(axis="y", rotation=0)
-        add_caption(fig, "mean [95% CI: Student t over the n ok seeds of a cell, clipped to [0, 1]]\n"
-                      "hatched: no ok seed (all diverged, failed or not run)\n"
-                      "red frame: some seeds diverged or failed; they are left out of the mean")
+        add_caption(fig, f"every cell tried ({len(rates)} learning rates × {len(sizes)} batch sizes): "
+                         "mean [95% CI: Student t over the n ok seeds of a cell, clipped to [0, 1]]\n"
+                         "hatched: no ok seed (all diverged, failed or not run)\n"
+                         "red frame: some seeds diverged or failed; they are left out of the mean")
+        add_title(fig, "Final test accuracy", note)
+    return fig
+
+
+def _edges(values) -> np.ndarray:
+    """Cell boundaries on a log axis: geometric midpoints, the outer cells as wide as their neighbour."""
+    v = np.asarray(sorted(values), dtype=float)
+    if len(v) == 1:
+        return np.array([v[0] / 2 ** 0.5, v[0] * 2 ** 0.5])
+    mid = np.sqrt(v[:-1] * v[1:])
+    return np.concatenate([[v[0] ** 2 / mid[0]], mid, [v[-1] ** 2 / mid[-1]]])
+
+
+def _dense_heatmap(cells: pd.DataFrame, grid: pd.DataFrame, expected, cmap, vmin: float, vmax: float,
+                   note: str) -> Figure:
+    """The heatmap of a grid too dense for numbers in its cells: cells at their batch size and
+    learning rate on log axes (log2, log10), colour = mean final test accuracy; a cell with no ok
+    seed in the colour of why (diverged, failed, not run), a red dot where some seeds were lost."""
+    grid = grid.sort_index()  # learning rates ascending, up the axis
+    sizes, rates = list(grid.columns), list(grid.index)
+    status = cells.set_index(analysis.CELL).reindex(pd.MultiIndex.from_product([sizes, rates]))
+    ok, diverged, failed = (status[c].fillna(0).to_numpy().reshape(len(sizes), len(rates)).T
+                            for c in ("ok", "diverged", "failed"))
+    # Why a cell has no colour: 0 every seed diverged, 1 failed (more failed than diverged), 2 not run.
+    why = np.where(diverged + failed == 0, 2, np.where(diverged >= failed, 0, 1)).astype(float)
+    why = np.ma.masked_where(ok > 0, why)
+    xs, ys = _edges(sizes), _edges(rates)
+    with plot_style():
+        fig = new_figure(min(16.0, max(7.5, 0.45 * len(sizes) + 4.0)), min(16.0, max(5.5, 0.065 * len(rates) + 3.4)))
+        ax = fig.subplots()
+        mesh = ax.pcolormesh(xs, ys, np.ma.masked_invalid(grid.to_numpy(dtype=float)), cmap=cmap, vmin=vmin,
+                             vmax=vmax, edgecolors="none")
+        ax.pcolormesh(xs, ys, why, cmap=ListedColormap([DIVERGED_COLOR, FAILED_COLOR, "#dddddd"]), vmin=-0.5,
+                      vmax=2.5, edgecolors="none")
+        lost = (diverged + failed > 0) & (ok > 0)
+        yi, xi = np.nonzero(lost)
+        ax.scatter(np.asarray(sizes)[xi], np.asarray(rates)[yi], s=6, color="red", linewidth=0, zorder=3)
+        fig.colorbar(mesh, ax=ax, label="final test accuracy, mean over ok seeds")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=10)
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_ylim(ys[0], ys[-1])
+        ax.xaxis.set_major_locator(FixedLocator(sizes) if len(sizes) <= LABEL_MAX_SIZES else LogLocator(base=2))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        span = ys[-1] / ys[0]
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 300 else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: lr_text(v)))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_locator(NullLocator())
+        ax.grid(False)
+        ax.set_xlabel("batch size (log2)")
+        ax.set_ylabel("learning rate (log)")
+        pending = len(set(expected) - set(zip(cells["batch_size"], cells["learning_rate"])))
+        add_caption(fig, f"every cell tried ({len(rates)} learning rates × {len(sizes)} batch sizes), each drawn at "
+                         f"its batch size and rate; past {LABEL_MAX_RATES} rates or {LABEL_MAX_SIZES} batch sizes "
+                         f"the per-cell numbers (mean, CI, seeds) are left out: summary.csv has them\n"
+                         f"grey: every seed diverged; purple: failed; light grey: not run"
+                         + (f" ({pending} cells pending)" if pending else "")
+                         + "; red dot: some seeds diverged or failed, left out of the mean")
         add_title(fig, "Final test accuracy", note)
     return fig
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from harness.figures import LABEL_MAX_RATES, LABEL_MAX_SIZES, MAX_ALL_RATES, MAX_PANEL_SIZES, SPACED_RATES
+
 # Columns of summary.csv, in order; the Markdown view formats a subset of them.
 TABLE_COLUMNS = (
     "batch_size", "learning_rate", "trials", "seeds", "ok", "diverged", "failed", "share_diverged",
@@ -105,7 +107,14 @@ DEFINITIONS = """\
   **B_simple** = tr(Σ)/|G|², the gradient noise scale from exact per-example gradients.
 - **Reference** values are the original single runs of the classic study (harness/data/reference.json),
   shown only for cells with exactly the reference setting.
-"""
+- **Dense grids.** Up to {all_rates} learning rates the learning curves and the stability figure draw
+  every rate; past that, each batch size's best rate (by final accuracy, as above) and {spaced}
+  rates log-spaced over those tried, and their captions name them. The learning curves show at
+  most {sizes} batch sizes (log-spaced past that). Past {label_rates} learning rates or {label_sizes} batch
+  sizes the heatmap draws every cell on log axes without numbers in the cells. The summary
+  table and summary.csv always have every cell.
+""".format(all_rates=MAX_ALL_RATES, spaced=SPACED_RATES, sizes=MAX_PANEL_SIZES, label_rates=LABEL_MAX_RATES,
+           label_sizes=LABEL_MAX_SIZES)
 
 
 def _image(stem: str, formats: Sequence[str]) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from harness import analysis, critical, scaling
@@ -26,11 +28,23 @@ from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_
 from harness.plan import planned_specs
 from harness.scaling_figures import (plot_best_learning_rate, plot_stability, plot_training_speed,
                                      plot_updates_to_target)
-from harness.store import (StoreError, is_results_dir, read_epochs, read_points, read_probes, read_runs, read_trials,
+from harness.store import (EPOCHS, POINTS, PROBES, TRIALS, StoreError, is_results_dir, read_runs, read_table,
                            write_text_atomic)
 from harness.report_text import markdown_table, render_report, summary_table
 
 FORMATS = ("png", "pdf", "svg")
+
+# The columns the report reads, and no others: what some figure, the table or a warning uses.
+# Error texts, timestamps and versions of a trial, the curves' losses and the gradient statistics
+# behind B_simple stay on disk, so memory follows what is drawn rather than the width of the rows.
+READ = {
+    TRIALS: ("trial_id", "run_id", "hostname", *analysis.CONFIG_NAMES, "status", "train_accuracy", "val_accuracy",
+             "test_accuracy", "epochs_run", "updates", "wall_clock_s", "group_size"),
+    EPOCHS: ("trial_id", "epoch", "accuracy", "val_accuracy", "elapsed_s", "updates"),
+    POINTS: ("trial_id", "updates", "examples_seen", "elapsed_s", "train_loss", "val_accuracy", "test_accuracy",
+             "b_simple"),
+    PROBES: None,  # a row per batch size: all of it
+}
 
 
 class ReportError(ValueError):
@@ -74,6 +88,16 @@ class Study:
     def clocks(self) -> dict:
         """What every clock-reading figure is given besides trials and epochs."""
         return {"points": self.points, "probes": self.probes}
+
+    @cached_property
+    def enriched(self) -> pd.DataFrame:
+        """Trials with their clocks to the target and curve noise (analysis.enrich), once for all figures."""
+        return analysis.enrich(self.trials, self.epochs, self.target, **self.clocks)
+
+    @cached_property
+    def cells(self) -> pd.DataFrame:
+        """The per-cell summary the figures select on and the table shows, computed once."""
+        return analysis.summarize_cells(self.enriched, analysis.load_reference())
 
     @cached_property
     def scaling(self) -> ScalingStudy:
@@ -130,15 +154,16 @@ FIGURES = (
     FigureSpec("learning_curves", "Learning curves", lambda s: plot_learning_curves(
         s.trials, s.epochs, s.done.note, s.done.expected), _needs(ok=False)),
     FigureSpec("accuracy_heatmap", "Final test accuracy over batch size and learning rate",
-               lambda s: plot_accuracy_heatmap(s.trials, s.done.note, s.done.expected), _needs(cells=2, ok=False)),
+               lambda s: plot_accuracy_heatmap(s.trials, s.done.note, s.done.expected, cells=s.cells),
+               _needs(cells=2, ok=False)),
     FigureSpec("training_speed", "Training speed", lambda s: plot_training_speed(
-        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks, cells=s.cells), _needs(sizes=2)),
     FigureSpec("updates_to_target", "Updates (and epochs, seconds) to target", lambda s: plot_updates_to_target(
-        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks, enriched=s.enriched, cells=s.cells), _needs(sizes=2)),
     FigureSpec("best_learning_rate", "Best learning rate by batch size", lambda s: plot_best_learning_rate(
-        s.trials, s.epochs, s.target, s.done.note, **s.clocks), _needs(sizes=2, rates=2)),
+        s.trials, s.epochs, s.target, s.done.note, **s.clocks, cells=s.cells), _needs(sizes=2, rates=2)),
     FigureSpec("stability", "Stability across seeds", lambda s: plot_stability(
-        s.trials, s.epochs, s.done.note), _needs(sizes=2)),
+        s.trials, s.epochs, s.done.note, cells=s.cells), _needs(sizes=2)),
     FigureSpec("steps_to_target", "Steps to target against batch size, and the critical batch size",
                lambda s: plot_steps_to_target(s.scaling.fits, s.scaling.chosen, s.done.note), _needs_clock),
     FigureSpec("steps_vs_examples", "Steps against examples: the fitted frontier",
@@ -240,10 +265,13 @@ def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, pl
                    points: pd.DataFrame, probes: pd.DataFrame) -> Iterator[tuple[Section, dict[str, Figure]]]:
     """Per study: its section of the report and the figures it can have (the ones it cannot are
     noted in the section). One study at a time, so a big report never holds every figure."""
-    reference = analysis.load_reference()
-    for label, part in analysis.split_studies(trials):
-        part_epochs = epochs[epochs["trial_id"].isin(part["trial_id"])]
-        part_points = points[points["trial_id"].isin(part["trial_id"])]
+    studies = analysis.split_studies(trials)
+    for label, part in studies:
+        if len(studies) == 1:  # the whole frames: no copy
+            part_epochs, part_points = epochs, points
+        else:
+            part_epochs = epochs[epochs["trial_id"].isin(part["trial_id"])]
+            part_points = points[points["trial_id"].isin(part["trial_id"])]
         study = Study(label, part, part_epochs, part_points, probes, target,
                       analysis.completeness(part, _plan_of(planned, part)))
         section, figures = Section(label, note=study.done.note), {}
@@ -257,9 +285,26 @@ def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, pl
                 figures[spec.name + suffix] = spec.draw(study)
         if not _needs_clock(study):
             section.scaling = study.scaling.lines
-        cells = analysis.summarize_cells(analysis.enrich(part, part_epochs, target, **study.clocks), reference)
-        section.table = summary_table(cells, label)
+        section.table = summary_table(study.cells, label)
         yield section, figures
+
+
+def read_frames(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """trials, epochs, points and probes with only the ``READ`` columns. The trial ids become one
+    dense integer key shared by the first three frames (every figure joins and groups on it, and
+    pandas does that several times faster on integers than on 16-character strings); the report
+    never shows an id. A curve row whose trial has no row is dropped (store.live_parts already
+    keeps such rows out)."""
+    table = read_table(results_dir, TRIALS, READ[TRIALS])
+    ids = pc.unique(table.column("trial_id"))
+
+    def keyed(table: pa.Table) -> pd.DataFrame:
+        key = pc.index_in(table.column("trial_id"), value_set=ids).cast(pa.int64())
+        table = table.set_column(table.schema.get_field_index("trial_id"), "trial_id", key)
+        return table.filter(pc.is_valid(key)).to_pandas()
+
+    curves = (keyed(read_table(results_dir, kind, READ[kind])) for kind in (EPOCHS, POINTS))
+    return (keyed(table), *curves, read_table(results_dir, PROBES, READ[PROBES]).to_pandas())
 
 
 def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
@@ -274,8 +319,7 @@ def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs = read_runs(results_dir)
-    trials, epochs = read_trials(results_dir), read_epochs(results_dir)
-    points, probes = read_points(results_dir), read_probes(results_dir)
+    trials, epochs, points, probes = read_frames(results_dir)
     if trials.empty:
         raise ReportError(f"{results_dir}: no finished trials yet ({len(runs)} run(s) started); "
                           f"report again once a trial has finished")
