@@ -6,6 +6,7 @@ matter of engines and cores, not of what the grid asks for.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 from harness.grid import TrialSpec
@@ -63,21 +64,22 @@ TASKS_PER_SLOT = 3
 
 
 def plan_tasks(specs: Sequence[TrialSpec], slots: int) -> list[tuple[TrialSpec, ...]]:
-    """Units of work sized to ``slots`` (trials that can run at once): about TASKS_PER_SLOT
-    tasks per slot, so no task is the critical path when it can be split. A fused group costlier
-    than that share is split into near-equal stacks (never below MIN_FUSED models); short Keras
-    trials are packed together until a task has that share (each is still timed alone).
-    Costliest first (longest-processing-time order), so the slots finish together."""
+    """Units of work sized to ``slots`` (trials that can run at once). A fused group that alone
+    would outlast an even share of the work (total cost / slots: the critical path) is split
+    into near-equal stacks just under that share (never below MIN_FUSED models: splitting costs
+    each stack its fixed per-step work, so it only pays where it shortens the run); short Keras
+    trials are packed together up to a third of that share, so there are a few tasks per slot
+    (each trial is still timed alone). Costliest first (longest-processing-time order), so the
+    slots finish together."""
     groups = group_specs(specs)
-    total = sum(estimated_cost(g) for g in groups)
-    share = total / max(1, slots * TASKS_PER_SLOT)
+    share = sum(estimated_cost(g) for g in groups) / max(1, slots)
     tasks: list[tuple[TrialSpec, ...]] = []
     packed: list[TrialSpec] = []
     for group in groups:
         if group[0].train.engine == "fused":
-            parts = max(1, min(len(group) // MIN_FUSED, round(estimated_cost(group) / share) if share else 1))
+            parts = max(1, min(len(group) // MIN_FUSED, math.ceil(estimated_cost(group) / share) if share else 1))
             tasks.extend(tuple(chunk) for chunk in _split(group, parts))
-        elif estimated_cost(packed + list(group)) > share and packed:
+        elif estimated_cost(packed + list(group)) > share / TASKS_PER_SLOT and packed:
             tasks.append(tuple(packed))
             packed = list(group)
         else:

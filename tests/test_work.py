@@ -1,0 +1,31 @@
+"""Work sized to the cluster: splits only where a group would be the critical path, packs short trials."""
+from harness.grid import expand_grid
+from harness.work import MIN_FUSED, estimated_cost, group_specs, modelled_wall_s, plan_tasks
+
+from conftest import tiny_grid
+
+
+def _fused(batch_sizes, seeds=range(8)):
+    grid = tiny_grid(epochs=20, batch_size=list(batch_sizes), learning_rate=[0.01, 0.1], seed=list(seeds))
+    return [s for s in expand_grid(grid)]
+
+
+def test_a_group_is_split_only_when_it_would_be_the_critical_path():
+    from dataclasses import replace
+
+    specs = [replace(s, train=replace(s.train, engine="fused")) for s in _fused([1, 100, 500])]
+    whole = group_specs(specs)
+    assert len(plan_tasks(specs, 1)) == len(whole)  # one slot: nothing to gain from a split
+    many = plan_tasks(specs, 64)
+    assert len(many) > len(whole) and all(len(t) >= MIN_FUSED for t in many)
+    assert sorted(s.trial_id for t in many for s in t) == sorted(s.trial_id for s in specs)  # each once
+    assert modelled_wall_s(many, 64) < modelled_wall_s(whole, 64)  # the split shortens the run
+    costs = [estimated_cost(t) for t in many]
+    assert costs == sorted(costs, reverse=True)  # costliest first
+
+
+def test_short_keras_trials_are_packed_a_few_tasks_per_slot():
+    specs = _fused([100, 500], seeds=range(10))  # keras engine: one trial per group
+    tasks = plan_tasks(specs, 2)
+    assert 2 <= len(tasks) < len(specs) and max(len(t) for t in tasks) > 1
+    assert sorted(s.trial_id for t in tasks for s in t) == sorted(s.trial_id for s in specs)
