@@ -83,6 +83,23 @@ def _ray_group(work: Work, group: Group) -> list[TrialResult]:
     return with_node(work(group), ray.get_runtime_context().get_node_id())
 
 
+def _node_rotation(cpus_per_trial: int) -> Iterator:
+    """Scheduling strategies cycling over the alive nodes, each node once per trial slot it
+    offers (CPUs // cpus_per_trial), interleaved so consecutive tasks go to different nodes."""
+    import itertools
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    import ray
+
+    slots = [(n["NodeID"], int(n["Resources"].get("CPU", 0) // cpus_per_trial)) for n in ray.nodes() if n["Alive"]]
+    order = [node for rank in range(max((k for _, k in slots), default=0))
+             for node, k in slots if rank < k]
+    if not order:
+        return iter(())
+    return (NodeAffinitySchedulingStrategy(node, soft=True) for node in itertools.cycle(order))
+
+
 def _last_line(exc: BaseException) -> str:
     # Ray's messages start with a coloured task banner; the cause is on the last line.
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -206,13 +223,11 @@ class RayBackend:
         work = work or self.work
         started_here = not ray.is_initialized()  # then this call also shuts down what it started
         self.connect()
-        remote = ray.remote(_ray_group).options(
-            num_cpus=self.cpus_per_trial, max_retries=self.max_retries, retry_exceptions=False,
-            # SPREAD: a grid smaller than the cluster still lands on every node instead of
-            # filling the driver's node first; on one machine it changes nothing.
-            scheduling_strategy="SPREAD",
-            # Merged with the job's runtime env (working_dir, py_modules), not replacing it.
-            runtime_env={"env_vars": worker_env(self.cpus_per_trial)})
+        base = ray.remote(_ray_group)
+        options = dict(num_cpus=self.cpus_per_trial, max_retries=self.max_retries, retry_exceptions=False,
+                       # Merged with the job's runtime env (working_dir, py_modules), not replacing it.
+                       runtime_env={"env_vars": worker_env(self.cpus_per_trial)})
+        placement = _node_rotation(self.cpus_per_trial)
         queue = list(groups)
         limit = self.max_concurrent or len(queue) or 1
         pending: dict = {}
@@ -220,7 +235,12 @@ class RayBackend:
             while queue or pending:
                 while queue and len(pending) < limit:
                     group = queue.pop(0)
-                    pending[remote.remote(work, group)] = group
+                    # Round-robin over the nodes' slots: SPREAD alone spreads only the first task
+                    # of each worker, after which the nodes whose workers started first take the
+                    # queue (measured: 1.2-1.7x max/min trials per node on 8 nodes; this: 1.005).
+                    # soft: if that node is gone, Ray runs the task elsewhere.
+                    strategy = next(placement, "SPREAD")
+                    pending[base.options(scheduling_strategy=strategy, **options).remote(work, group)] = group
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     group = pending.pop(ref)

@@ -75,15 +75,18 @@ def plan_tasks(specs: Sequence[TrialSpec], slots: int) -> list[tuple[TrialSpec, 
     share = sum(estimated_cost(g) for g in groups) / max(1, slots)
     tasks: list[tuple[TrialSpec, ...]] = []
     packed: list[TrialSpec] = []
+    packed_cost = 0.0  # a running total: re-summing the packed trials per trial was quadratic
     for group in groups:
+        cost = estimated_cost(group)
         if group[0].train.engine == "fused":
-            parts = max(1, min(len(group) // MIN_FUSED, math.ceil(estimated_cost(group) / share) if share else 1))
+            parts = max(1, min(len(group) // MIN_FUSED, math.ceil(cost / share) if share else 1))
             tasks.extend(tuple(chunk) for chunk in _split(group, parts))
-        elif estimated_cost(packed + list(group)) > share / TASKS_PER_SLOT and packed:
+        elif packed and packed_cost + cost > share / TASKS_PER_SLOT:
             tasks.append(tuple(packed))
-            packed = list(group)
+            packed, packed_cost = list(group), cost
         else:
             packed.extend(group)
+            packed_cost += cost
     if packed:
         tasks.append(tuple(packed))
     return sorted(tasks, key=estimated_cost, reverse=True)
