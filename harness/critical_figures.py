@@ -75,7 +75,9 @@ def _bcrit(interval: critical.FrontierInterval) -> str:
 def _b_crit_bar(ax, x: float, interval: critical.FrontierInterval, color, label: str) -> None:
     """B_crit at ``x`` with its bootstrap interval as an error bar (none when it has no interval)."""
     b, (low, high) = interval.frontier.b_crit, interval.b_crit
-    err = [[b - low], [high - b]] if math.isfinite(low) and math.isfinite(high) else None
+    # A percentile bootstrap interval need not contain the fit on the full data (seen on a dense
+    # one-epoch grid): the bar then reaches the interval's near end from the point, not past it.
+    err = [[max(b - low, 0.0)], [max(high - b, 0.0)]] if math.isfinite(low) and math.isfinite(high) else None
     ax.errorbar([x], [b], yerr=err, fmt="o", color=color, capsize=4, markersize=7, zorder=5, label=label)
 
 

@@ -245,3 +245,22 @@ def test_edge_cases_still_draw(tmp_path):
     assert 3 <= len(labels) <= 9 and not [x for x in labels if re.search(r"\d\.\d{3,}", x)]
     assert "largest stable lr (momentum 0)" in texts(fig)
     save(fig, tmp_path, "learning_rate_scaling_edge")
+
+
+def test_an_interval_that_misses_the_fit_still_draws():
+    """A percentile bootstrap interval can lie wholly on one side of the full-data fit; the bar
+    must not ask matplotlib for a negative length (a traceback in the report on a dense grid)."""
+    from matplotlib.figure import Figure
+
+    from harness import critical
+    from harness.critical_figures import _b_crit_bar
+
+    frontier = critical.Frontier(s_min=10.0, e_min=400.0, b_crit=40.0, n_points=5, residual_rms=0.1,
+                                 b_min=1.0, b_max=500.0)
+    interval = critical.FrontierInterval(frontier=frontier, b_crit=(45.0, 60.0), s_min=(9.0, 11.0),
+                                         e_min=(350.0, 450.0), level=0.95, n_boot=100, n_failed=0)
+    ax = Figure().subplots()
+    _b_crit_bar(ax, 0.0, interval, "C0", "B_crit")
+    (bar,) = [c for c in ax.containers]
+    low, high = bar.lines[2][0].get_segments()[0][:, 1]
+    assert (low, high) == (40.0, 60.0)  # from the point up to the interval's far end
