@@ -227,7 +227,12 @@ def plot_learning_curves(trials: pd.DataFrame, epochs: pd.DataFrame, note: str =
             ax.set_xlabel("epoch" if k + n_cols >= len(rows) * len(sizes) else "")
             if wrap < len(sizes):  # a wrapped last row may be short: label every panel's epochs
                 ax.xaxis.set_tick_params(labelbottom=True)
-        axes[0][0].xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))  # shared: whole epochs, every panel
+        last = int(curve["epoch"].max()) if len(curve) else 1  # the axes share x: set once, whole epochs
+        if last <= 3:  # one to three epochs: a tick at each, the markers clear of the edges
+            axes[0][0].set_xlim(0.5, last + 0.5)
+            axes[0][0].xaxis.set_major_locator(FixedLocator(range(1, last + 1)))
+        else:
+            axes[0][0].xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         handles = [Line2D([], [], color=c, label=s) for s, c in TRAIN_TEST.items()]
         if (curve["status"] == "diverged").any():
             handles.append(Line2D([], [], color=DIVERGED_COLOR, linewidth=0.7, label="diverged seed (test)"))
