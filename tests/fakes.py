@@ -55,6 +55,6 @@ def timed_work(marker_dir, group):
     from pathlib import Path
 
     start = time.time()
-    time.sleep(0.4)
+    time.sleep(1.0)  # long enough that a second, already-started worker overlaps it
     Path(marker_dir, group[0].trial_id).write_text(f"{start} {time.time()}")
     return instant_work(group)
