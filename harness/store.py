@@ -99,10 +99,6 @@ def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Ta
     return pa.Table.from_pylist(rows, schema=with_version(schema, run_id))
 
 
-def epochs_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
-    return curve_table(results, run_id, EPOCHS)
-
-
 def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:
     """Flush finished trials: points and epochs parts, then the trials part (the commit point)."""
     if not results:
