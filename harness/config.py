@@ -28,7 +28,9 @@ DATASETS = tuple(datasets.BUILT_IN)  # plus installed entry points: harness.data
 STANDARDIZE = ("none", "zscore")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITIALIZERS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal", "lecun_uniform", "lecun_normal")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine")
+LR_SCALINGS = ("none", "linear", "sqrt")
 ENGINES = ("keras", "fused")
 EVAL_SCHEDULES = ("epoch", "geometric")
 
@@ -74,9 +76,11 @@ class ProblemConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden_units: int = 50
+    hidden_units: int = 50  # width of every hidden layer (a list of equal widths sets depth too)
     activation: str = "relu"
     kernel_initializer: str = "he_uniform"
+    depth: int = neutral(1)  # hidden layers, each Dense(hidden_units, activation, kernel_initializer)
+    l2: float = neutral(0.0)  # L2 penalty l2 * sum(W^2) on every kernel (not biases), as Keras' L2 regularizer
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,49 @@ class TrainConfig:
     # test accuracy), while runs that end collapsed at chance peak at 1e2 to 1e33; 10x would
     # call recovering runs diverged.
     divergence_factor: float = neutral(100.0)
+    # Optimizers as Keras 3 defines them; each reads only its own keys (OPTIMIZER_KEYS).
+    nesterov: bool = neutral(False)  # sgd
+    beta_1: float = neutral(0.9)  # adam
+    beta_2: float = neutral(0.999)  # adam
+    epsilon: float = neutral(1e-7)  # adam, rmsprop
+    rho: float = neutral(0.9)  # rmsprop
+    # The learning rate of update t (harness.schedule): learning_rate x batch-size scaling x
+    # warm-up x decay.
+    schedule: str = neutral("constant")  # constant | step | cosine (to 0 at the last update)
+    warmup_updates: int = neutral(0)  # linear warm-up over this many updates ...
+    warmup_epochs: float = neutral(0.0)  # ... or over this many epochs (not both)
+    decay_epochs: float = neutral(50.0)  # step: multiply the rate by decay_factor every decay_epochs
+    decay_factor: float = neutral(0.1)  # step
+    learning_rate_scaling: str = neutral("none")  # none | linear | sqrt in batch_size / base_batch_size
+    base_batch_size: int = neutral(32)  # the batch size at which learning_rate is the rate as given
+
+
+# Keys of train that only some settings read. A grid that sets one of them where it is not read
+# is refused; in a sweep that mixes settings (sweep.optimizer: [sgd, adam]) they are reset to
+# their defaults where not read, so adam x momentum [0, 0.9] is one adam trial, not two.
+OPTIMIZER_KEYS = {"sgd": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2", "epsilon"),
+                  "rmsprop": ("rho", "epsilon")}
+SCHEDULE_KEYS = {"constant": (), "step": ("decay_epochs", "decay_factor"), "cosine": ()}
+
+
+def unread_keys(train: "TrainConfig") -> set[str]:
+    """The train keys that ``train``'s optimizer, schedule and scaling do not read."""
+    unread = {k for keys in OPTIMIZER_KEYS.values() for k in keys} - set(OPTIMIZER_KEYS[train.optimizer])
+    unread |= {k for keys in SCHEDULE_KEYS.values() for k in keys} - set(SCHEDULE_KEYS[train.schedule])
+    if train.learning_rate_scaling == "none":
+        unread.add("base_batch_size")
+    return unread
+
+
+def normalised(train: "TrainConfig") -> "TrainConfig":
+    """``train`` with every key it does not read at its default (see OPTIMIZER_KEYS)."""
+    defaults = TrainConfig()
+    return dataclasses.replace(train, **{k: getattr(defaults, k) for k in unread_keys(train)})
 
 
 def _kind(f: dataclasses.Field) -> type:
     # Annotations are strings under `from __future__ import annotations`; ours are plain scalars.
-    return {"int": int, "float": float, "str": str}[f.type]
+    return {"int": int, "float": float, "str": str, "bool": bool}[f.type]
 
 
 def identity(section: Any) -> dict[str, Any]:
@@ -119,7 +161,8 @@ SWEEPABLE: dict[str, tuple[str | None, type]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "standardize": STANDARDIZE, "activation": ACTIVATIONS, "kernel_initializer": INITIALIZERS,
-    "optimizer": OPTIMIZERS, "engine": ENGINES, "eval_schedule": EVAL_SCHEDULES,
+    "optimizer": OPTIMIZERS, "engine": ENGINES, "eval_schedule": EVAL_SCHEDULES, "schedule": SCHEDULES,
+    "learning_rate_scaling": LR_SCALINGS,
 }
 
 
@@ -172,6 +215,9 @@ def coerce(where: str, key: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be text, got {value!r}")
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
     _check_range(where, key, value)
     return value
 
@@ -181,15 +227,18 @@ def _check_range(where: str, key: str, value: Any) -> None:
         raise ConfigError(
             f"{where}: '{key}' is {value!r}; valid choices: {', '.join(CHOICES[key])}{_suggest(str(value), CHOICES[key])}")
     positive = {"batch_size", "learning_rate", "epochs", "hidden_units", "n_samples", "n_train",
-                "n_features", "cluster_std", "n_informative", "class_sep"}
+                "n_features", "cluster_std", "n_informative", "class_sep", "depth", "epsilon", "decay_epochs",
+                "base_batch_size"}
     if key == "batch_size" and value < 1:  # the upper bound, n_train, is checked with the problem
         raise ConfigError(f"{where}: 'batch_size' must be a whole number from 1 to 'problem.n_train', got {value!r}")
     if key in positive and value <= 0:
         raise ConfigError(f"{where}: '{key}' must be positive, got {value!r}")
-    if key in ("seed", "random_state", "n_val") and value < 0:
+    if key in ("seed", "random_state", "n_val", "l2", "warmup_updates", "warmup_epochs") and value < 0:
         raise ConfigError(f"{where}: '{key}' must be zero or more, got {value!r}")
-    if key == "momentum" and not 0.0 <= value < 1.0:
-        raise ConfigError(f"{where}: 'momentum' must be in [0, 1), got {value!r}")
+    if key in ("momentum", "beta_1", "beta_2", "rho") and not 0.0 <= value < 1.0:
+        raise ConfigError(f"{where}: '{key}' must be in [0, 1), got {value!r}")
+    if key == "decay_factor" and not 0.0 < value <= 1.0:
+        raise ConfigError(f"{where}: 'decay_factor' must be in (0, 1], got {value!r}")
     if key in ("centers", "n_classes") and value < 2:
         raise ConfigError(f"{where}: '{key}' must be at least 2, got {value!r}")
     if key == "noise" and value < 0:
@@ -212,6 +261,46 @@ def _section(where: str, raw: Any, cls: type, name: str) -> Any:
     _reject_unknown(where, raw, valid, name)
     kinds = {f.name: _kind(f) for f in fields(cls)}
     return cls(**{k: coerce(where, k, v, kinds[k]) for k, v in raw.items()})
+
+
+def _layers(where: str, raw: Any) -> Any:
+    """The model section with ``hidden_units: [w, w, ...]`` read as width w and that depth."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("hidden_units"), list):
+        return raw
+    widths = raw["hidden_units"]
+    if not widths or len(set(map(repr, widths))) != 1:
+        raise ConfigError(f"{where}: 'model.hidden_units' as a list must repeat one width (got {widths!r}); "
+                          f"layers of different widths are not supported: give hidden_units and depth")
+    if "depth" in raw and raw["depth"] != len(widths):
+        raise ConfigError(f"{where}: 'model.hidden_units' lists {len(widths)} layers but 'model.depth' is {raw['depth']!r}")
+    return {**raw, "hidden_units": widths[0], "depth": len(widths)}
+
+
+def _check_train(where: str, train: TrainConfig, raw: Mapping[str, Any]) -> None:
+    for key in sorted(set(raw) & unread_keys(train)):
+        reader = next((f"optimizer '{o}'" for o, keys in OPTIMIZER_KEYS.items() if key in keys), None) \
+            or next((f"schedule '{s}'" for s, keys in SCHEDULE_KEYS.items() if key in keys), None) \
+            or "learning_rate_scaling linear or sqrt"
+        raise ConfigError(f"{where}: 'train.{key}' is not read here; only {reader} reads it "
+                          f"(optimizer is '{train.optimizer}', schedule '{train.schedule}')")
+    if train.warmup_updates and train.warmup_epochs:
+        raise ConfigError(f"{where}: set 'train.warmup_updates' or 'train.warmup_epochs', not both")
+
+
+def _check_read(where: str, train: TrainConfig, block: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    """A swept key that no trial of its block reads would multiply nothing: refuse it."""
+    axes = dict(block)
+    combos = [dataclasses.replace(train, optimizer=o, schedule=s, learning_rate_scaling=c)
+              for o in axes.get("optimizer", (train.optimizer,)) for s in axes.get("schedule", (train.schedule,))
+              for c in axes.get("learning_rate_scaling", (train.learning_rate_scaling,))]
+    for axis in axes:
+        if all(axis in unread_keys(t) for t in combos):
+            raise ConfigError(f"{where}: 'sweep.{axis}' is not read by any trial of its block "
+                              f"(optimizer, schedule or learning_rate_scaling do not use it)")
+    if "warmup_updates" in axes and (train.warmup_epochs or "warmup_epochs" in axes):
+        raise ConfigError(f"{where}: sweep 'warmup_updates' or 'warmup_epochs', not both")
+    if "warmup_epochs" in axes and train.warmup_updates:
+        raise ConfigError(f"{where}: sweep 'warmup_updates' or 'warmup_epochs', not both")
 
 
 def _problem(where: str, raw: Any, folder: Path) -> ProblemConfig:
@@ -277,8 +366,9 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid", folder: Path | 
                           f"no path separators), got {name!r}")
     # A data file's path is relative to the grid file's folder.
     problem = _problem(where, raw.get("problem"), Path(where).parent if folder is None else folder)
-    model = _section(where, raw.get("model"), ModelConfig, "model")
+    model = _section(where, _layers(where, raw.get("model")), ModelConfig, "model")
     train = _section(where, raw.get("train"), TrainConfig, "train")
+    _check_train(where, train, raw.get("train") or {})
     probe = raw.get("timing_probe", False)
     if not isinstance(probe, bool):
         raise ConfigError(f"{where}: 'timing_probe' must be true or false, got {probe!r}")
@@ -292,6 +382,7 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid", folder: Path | 
     else:
         blocks = (_sweep_block(where, sweep_raw, "sweep"),)
     for block in blocks:
+        _check_read(where, train, block)
         for axis, values in block:
             if axis == "batch_size" and max(values) > problem.n_train:
                 raise ConfigError(f"{where}: 'sweep.batch_size' value {max(values)} is above "

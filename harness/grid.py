@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable
 
-from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig, identity
+from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig, identity, normalised
 
 # Beyond this many trials a run needs --yes: a typo like an extra zero in a seed list should
 # not silently book the machine for a week. grids/full.yaml has 350.
@@ -63,7 +63,7 @@ def _block_specs(grid: GridConfig, block: tuple[tuple[str, tuple[Any, ...]], ...
         yield TrialSpec(
             problem=grid.problem,
             model=dataclasses.replace(grid.model, **{k: v for k, v in point.items() if k in model_keys}),
-            train=dataclasses.replace(grid.train, **{k: v for k, v in point.items() if k in train_keys}),
+            train=normalised(dataclasses.replace(grid.train, **{k: v for k, v in point.items() if k in train_keys})),
             batch_size=point["batch_size"],
             learning_rate=point["learning_rate"],
             seed=point["seed"],

@@ -87,17 +87,16 @@ def build_model(model: ModelConfig, problem: ProblemConfig, seed: int):
 
     n_features, n_classes = data_shape(problem)  # before seeding: whatever loading draws cannot move the weights
     keras.utils.set_random_seed(seed)
-    net = keras.Sequential([
-        keras.Input(shape=(n_features,)),
-        keras.layers.Dense(model.hidden_units, activation=model.activation,
-                           kernel_initializer=model.kernel_initializer),
-        keras.layers.Dense(n_classes, activation="softmax"),
-    ])
-    return net
+    penalty = keras.regularizers.L2(model.l2) if model.l2 else None
+    hidden = [keras.layers.Dense(model.hidden_units, activation=model.activation,
+                                 kernel_initializer=model.kernel_initializer, kernel_regularizer=penalty)
+              for _ in range(model.depth)]
+    return keras.Sequential([keras.Input(shape=(n_features,)), *hidden,
+                             keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=penalty)])
 
 
 def initial_weights(model: ModelConfig, problem: ProblemConfig, seed: int) -> tuple[np.ndarray, ...]:
-    """(W1, b1, W2, b2) as float32 arrays: what ``build_model`` draws for this seed."""
+    """(W1, b1, ..., Wout, bout) as float32 arrays: what ``build_model`` draws for this seed."""
     import keras
 
     weights = tuple(np.asarray(w, dtype=np.float32) for w in build_model(model, problem, seed).get_weights())

@@ -29,7 +29,7 @@ SCHEMA_VERSION = 2
 # with each added setting at its default, and had no validation split.
 READABLE_VERSIONS = (1, 2)
 
-_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
 
 # Config columns come straight from the config dataclasses, so a new setting is a new column.
 CONFIG_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = tuple(
@@ -37,7 +37,7 @@ CONFIG_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = tuple(
     for f in dataclasses.fields(cls)
 ) + (
     ("batch_size", pa.int64(), "examples per update"),
-    ("learning_rate", pa.float64(), "SGD step size"),
+    ("learning_rate", pa.float64(), "the step size as the grid gives it, before batch-size scaling and schedule"),
     ("seed", pa.int64(), "fixes initial weights and batch order"),
 )
 

@@ -12,11 +12,18 @@ from typing import Sequence
 from harness.grid import TrialSpec
 
 
+# Settings each member of a fused stack keeps for itself (harness.engines.optimizers.Hyper).
+PER_MODEL_TRAIN = ("momentum", "beta_1", "beta_2", "epsilon", "rho", "schedule", "warmup_updates", "warmup_epochs",
+                   "decay_epochs", "decay_factor", "learning_rate_scaling", "base_batch_size")
+
+
 def group_key(spec: TrialSpec) -> tuple:
     """Trials with the same key can be trained as one stacked computation by the fused engine:
-    same data, network shape, batch size and epochs; learning rate, momentum and seed are per model."""
-    train = dataclasses.replace(spec.train, momentum=0.0)
-    return (spec.problem, spec.model, train, spec.batch_size)
+    same data, network shape, optimizer rule (and Nesterov or not), batch size and epochs;
+    learning rate and schedule, the optimizer's hyperparameters, L2 and seed are per model."""
+    defaults = type(spec.train)()
+    train = dataclasses.replace(spec.train, **{k: getattr(defaults, k) for k in PER_MODEL_TRAIN})
+    return (spec.problem, dataclasses.replace(spec.model, l2=0.0), train, spec.batch_size)
 
 
 def group_specs(specs: Sequence[TrialSpec], max_group: int = 64) -> list[tuple[TrialSpec, ...]]:

@@ -206,7 +206,7 @@ def test_loss_is_computed_from_logits_like_keras():
     (here about 80 against 8.6), and the fused engine must report what Keras reports."""
     import keras
 
-    from harness.engines.fused import evaluate_stacked
+    from harness.engines.stack import evaluate_stacked
     from harness.problem import build_model
 
     spec = make_spec(7, 1)

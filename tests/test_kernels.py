@@ -35,7 +35,7 @@ import test_clock  # noqa: E402 - the suites re-run below on the numba path
 import test_datasets  # noqa: E402
 import test_fused  # noqa: E402
 from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
-from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels  # noqa: E402
+from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels, stack  # noqa: E402
 from harness.engines.fused import train_fused  # noqa: E402
 from harness.engines.kernel_choice import GroupSize, choose_kernel  # noqa: E402
 from harness.grid import TrialSpec  # noqa: E402
@@ -135,10 +135,10 @@ def test_evaluation_pass_matches_numpy(activation, problem):
     shape = (w1.shape[1], w1.shape[2], w2.shape[2])
     ones = np.ones((len(theta), 1), np.float32)
     numba_stack = kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), ones, ones, shape, activation, EXACT)
-    numpy_stack = fused._Stack(theta, np.zeros_like(theta), ones, ones, shape, activation)
+    numpy_stack = stack.Stack.for_scoring(theta, shape, activation)
     for x, y in make_data(problem).splits().values():
         # The kernel itself, even where NumbaStack scores with NumPy because that is faster there
-        x1t = np.ascontiguousarray(fused.with_ones(x).T)
+        x1t = np.ascontiguousarray(stack.with_ones(x).T)
         with np.errstate(all="ignore"):
             loss_a, accuracy_a = numpy_stack.evaluate(*numpy_stack.eval_input(x, y))
             loss_b, accuracy_b = kernels.evaluate(*numba_stack.tensors[:3], x1t, np.array(y), y.argmax(axis=1),

@@ -1,26 +1,21 @@
-"""The fused engine: every model of a group trained as one stacked float32 NumPy computation.
+"""The fused engine: every model of a group trained as one stacked float32 computation.
 
-A group (``work.group_specs``) shares data, network shape, epochs and batch size; each member
-keeps its own learning rate, momentum, initial weights and batch order. Weights carry a leading
-model axis (W1 [M,F,H], b1 [M,H], W2 [M,H,C], b2 [M,C]), so one step of the whole group is a
-handful of batched matmuls and elementwise ops, whatever M is.
+A group (``work.group_key``) shares data, network shape, optimizer rule, epochs and batch size;
+each member keeps its own learning rate and schedule, optimizer hyperparameters, L2 penalty,
+initial weights and batch order. Weights carry a leading model axis, so one step of the whole
+group is a handful of batched matmuls and elementwise ops, whatever the number of models M is.
+The arithmetic is Keras 3's, op for op (``stack`` for the network, ``optimizers`` for the
+updates), so the two engines agree to float32 rounding. Epoch ``loss``/``accuracy`` are
+batch-size-weighted means of the per-batch values taken before each update, as Keras logs them
+(the data loss: an L2 penalty is not in it); ``val_*`` are the latest test-set scores.
 
-The arithmetic is Keras 3's, op for op, so the two engines agree to float32 rounding:
-- the loss is computed from the logits (a Dense softmax layer hands Keras its logits, so
-  ``categorical_crossentropy`` takes the ``softmax_cross_entropy_with_logits`` path and never
-  clips), averaged over the batch; its gradient is ``(softmax - y) * (1/B)``;
-- SGD: ``m = m*momentum - g*lr; w = w + m``. With momentum 0 Keras does ``w = w - g*lr``
-  instead, which is the same float32 result (0*m is exactly 0), so one formula serves both;
-- epoch ``loss``/``accuracy`` are batch-size-weighted means of the per-batch values taken
-  before each update; ``val_*`` are one full-batch pass over the test rows after the epoch.
-
-Two paths compute this. ``_Stack`` below is NumPy: a handful of batched ufunc and matmul calls
+Two paths compute this. ``stack.Stack`` is NumPy: a handful of batched ufunc and matmul calls
 per step for the whole stack, cheap to start but with a fixed cost per call that dominates at
 small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kernel_stack.NumbaStack``
 runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
-default network (tests/test_kernels.py says where), and scores the clock's points 1.5x faster
-on small networks (it leaves larger ones to NumPy's scoring, faster there); it costs a start-up
-per process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
+default network (tests/test_kernels.py says where), for the default study's setting only (one
+hidden layer, plain SGD at a constant rate, no L2: ``numba_supports``); it costs a start-up per
+process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
 compile them, ~4 s). ``kernel_choice.choose_kernel`` takes the numba path only
 when a group's estimated saving exceeds that start-up, so small groups (under ~1 s of NumPy
 work) stay on NumPy and a small grid never waits for a compile; $HARNESS_FUSED_KERNEL or
@@ -29,6 +24,7 @@ work) stay on NumPy and a small grid never waits for a compile; $HARNESS_FUSED_K
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +35,8 @@ import numpy as np
 from harness.clock import eval_points, examples_at, noise_points
 from harness.config import ModelConfig, ProblemConfig
 from harness.engines.kernel_choice import GroupSize, choose_kernel
+from harness.engines.optimizers import Hyper, new_state
+from harness.engines.stack import Shape, Stack, Weights, argmax_classes, n_params, softmax_xent, with_ones
 from harness.noise import noise_if
 from harness.grid import TrialSpec
 from harness.problem import data_shape, epoch_batches, initial_weights, make_data, pin_threads
@@ -49,7 +47,6 @@ from harness.work import group_key
 if TYPE_CHECKING:
     from harness.engines.kernel_stack import NumbaStack
 
-Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W1, b1, W2, b2)
 
 
 @dataclass(frozen=True)
@@ -64,206 +61,6 @@ class FusedTraining:
     engine_version: str = f"numpy {np.__version__}"  # what trained it: numpy, or numpy + numba kernels
 
 
-def activate(name: str, z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    if name == "relu":
-        return np.maximum(z, 0.0, out=out)
-    if name == "tanh":
-        return np.tanh(z, out=out)
-    if name == "sigmoid":
-        np.negative(z, out=out)
-        np.exp(out, out=out)
-        out += 1.0
-        return np.reciprocal(out, out=out)
-    raise ValueError(f"fused engine: unknown activation {name!r}; valid: relu, tanh, sigmoid")
-
-
-def _activation_grad(name: str, z: np.ndarray, a: np.ndarray, da: np.ndarray, mask: np.ndarray,
-                     out: np.ndarray) -> None:
-    # The gradients TensorFlow uses: ReluGrad masks on z > 0, TanhGrad da*(1-a*a), SigmoidGrad da*a*(1-a).
-    if name == "relu":
-        np.greater(z, 0.0, out=mask)
-        np.multiply(da, mask, out=out)
-    elif name == "tanh":
-        np.multiply(a, a, out=out)
-        np.subtract(1.0, out, out=out)
-        np.multiply(out, da, out=out)
-    else:
-        np.subtract(1.0, a, out=out)
-        np.multiply(out, a, out=out)
-        np.multiply(out, da, out=out)
-
-
-def reduce_classes(ufunc: np.ufunc, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``ufunc`` folded over the short last (class) axis: C-1 calls on [...] slices, many times
-    faster than a NumPy reduction whose inner loop is only C long."""
-    out = ufunc(x[..., 0], x[..., 1], out=out)
-    for c in range(2, x.shape[-1]):
-        ufunc(out, x[..., c], out=out)
-    return out
-
-
-def argmax_classes(x: np.ndarray) -> np.ndarray:
-    """argmax over the last axis, first index on ties (as np.argmax and tf.argmax), without the
-    slow short-axis reduction."""
-    # The narrowest index type that holds every class id (int8 would wrap past 127 classes).
-    best, index = x[..., 0].copy(), np.zeros(x.shape[:-1], np.min_scalar_type(x.shape[-1] - 1))
-    for c in range(1, x.shape[-1]):
-        np.copyto(index, c, where=x[..., c] > best)
-        np.maximum(best, x[..., c], out=best)
-    return index
-
-
-def softmax_xent(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row cross-entropy from logits and the softmax probabilities, over the last axis,
-    as TF's SoftmaxCrossEntropyWithLogits: sum(labels * (log(sum(exp(s))) - s)), s = z - max(z)."""
-    shifted = logits - reduce_classes(np.maximum, logits)[..., None]
-    exp = np.exp(shifted)
-    total = reduce_classes(np.add, exp)[..., None]
-    loss = reduce_classes(np.add, labels * (np.log(total) - shifted))
-    return loss, exp / total
-
-
-def evaluate_stacked(weights: Weights, x: np.ndarray, y: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
-    """(loss [M], accuracy [M]) of every stacked model on all of (x, y), as one full batch."""
-    w1, _, w2, _ = weights
-    flat = np.concatenate([w.reshape(len(w), -1) for w in weights], axis=1).astype(np.float32)
-    unused = np.zeros((len(flat), 1), np.float32)  # learning rate and momentum: no training here
-    stack = _Stack(flat, unused, unused, unused, (w1.shape[1], w1.shape[2], w2.shape[2]), activation)
-    return stack.evaluate(*stack.eval_input(x, y))
-
-
-def with_ones(x: np.ndarray) -> np.ndarray:
-    """x with a column of ones appended: x1 @ [[W1], [b1]] is the first layer with its bias, and
-    x1.T @ dz1 yields the kernel and bias gradients in one matmul (no [M,B,H] add or sum)."""
-    return np.concatenate([x, np.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
-
-
-@dataclass(frozen=True)
-class _Buffers:
-    """Scratch arrays for one batch size B (M models, H hidden units, C classes)."""
-
-    z1: np.ndarray  # [M,B,H] pre-activation
-    a1: np.ndarray  # [M,B,H] activation
-    da1: np.ndarray  # [M,B,H] dLoss/da1
-    dz1: np.ndarray  # [M,B,H] dLoss/dz1
-    mask: np.ndarray  # [M,B,H] bool, z1 > 0
-    logits: np.ndarray  # [M,B,C] for evaluation passes (training writes the caller's array)
-    prob: np.ndarray  # [M,B,C] softmax, then dLoss/dlogits
-    col: np.ndarray  # [M,B,1] per-row max, then per-row sum
-    inv_batch: np.float32
-
-    @classmethod
-    def allocate(cls, m: int, batch: int, hidden: int, classes: int) -> "_Buffers":
-        def empty(width, dtype=np.float32):
-            return np.empty((m, batch, width), dtype)
-
-        return cls(z1=empty(hidden), a1=empty(hidden), da1=empty(hidden), dz1=empty(hidden),
-                   mask=empty(hidden, bool), logits=empty(classes), prob=empty(classes), col=empty(1),
-                   inv_batch=np.float32(1.0) / np.float32(batch))
-
-
-class _Stack:
-    """The active members' parameters, momenta and reusable buffers.
-
-    Parameters, gradients and momenta each live in one [M, P] array laid out (W1, b1, W2, b2),
-    so [[W1], [b1]] is a [M, F+1, H] view and the optimizer step is four ufunc calls for all
-    layers of all models. Buffers are kept per batch size: fresh multi-megabyte arrays would
-    cost page faults on every step."""
-
-    def __init__(self, theta: np.ndarray, velocity: np.ndarray, lr: np.ndarray, momentum: np.ndarray,
-                 shape: tuple[int, int, int], activation: str):
-        self.theta, self.velocity, self.lr, self.momentum = theta, velocity, lr, momentum
-        self.shape, self.activation = shape, activation
-        self._epoch: tuple = ()  # the epoch begun (begin_epoch)
-        self.grad = np.empty_like(theta)
-        self.w1b, self.w2, self.b2 = self._views(theta)
-        self.dw1b, self.dw2, self.db2 = self._views(self.grad)
-        self._buffers: dict[int, _Buffers] = {}
-
-    def _views(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        f, h, c = self.shape
-        m, cut1, cut2 = flat.shape[0], (f + 1) * h, (f + 1) * h + h * c
-        return (flat[:, :cut1].reshape(m, f + 1, h), flat[:, cut1:cut2].reshape(m, h, c),
-                flat[:, cut2:].reshape(m, 1, c))
-
-    def weights(self) -> Weights:
-        """(W1 [M,F,H], b1 [M,H], W2 [M,H,C], b2 [M,C]) as views."""
-        f = self.shape[0]
-        return self.w1b[:, :f], self.w1b[:, f], self.w2, self.b2[:, 0]
-
-    def select(self, keep: np.ndarray) -> "_Stack":
-        return _Stack(self.theta[keep], self.velocity[keep], self.lr[keep], self.momentum[keep],
-                      self.shape, self.activation)
-
-    def _buffers_for(self, batch: int) -> _Buffers:
-        if batch not in self._buffers:
-            _, h, c = self.shape
-            self._buffers[batch] = _Buffers.allocate(self.theta.shape[0], batch, h, c)
-        return self._buffers[batch]
-
-    def _forward(self, x1: np.ndarray, buf: _Buffers, logits: np.ndarray) -> None:
-        np.matmul(x1, self.w1b, out=buf.z1)
-        activate(self.activation, buf.z1, out=buf.a1)
-        np.matmul(buf.a1, self.w2, out=logits)
-        logits += self.b2
-
-    def step(self, x1: np.ndarray, y: np.ndarray, logits: np.ndarray) -> None:
-        """One SGD update of every model on its own batch x1 [M,B,F+1] (``with_ones``),
-        y [M,B,C]; the pre-update logits go to ``logits`` [M,B,C] for the epoch's metrics."""
-        buf = self._buffers_for(x1.shape[1])
-        prob, col = buf.prob, buf.col[..., 0]
-        self._forward(x1, buf, logits)
-        reduce_classes(np.maximum, logits, out=col)  # softmax, shifted by the row max as TF does
-        np.subtract(logits, buf.col, out=prob)
-        np.exp(prob, out=prob)
-        reduce_classes(np.add, prob, out=col)
-        prob /= buf.col
-        prob -= y  # dLoss/dlogits = (softmax - y) / B for the batch-mean cross-entropy
-        single = x1.shape[1] == 1
-        if not single:  # at B = 1 the batch sums have one term: cheaper ops, the same floats
-            prob *= buf.inv_batch
-        np.matmul(buf.a1.transpose(0, 2, 1), prob, out=self.dw2)
-        if single:
-            np.copyto(self.db2, prob)
-        else:
-            np.sum(prob, axis=1, keepdims=True, out=self.db2)
-        np.matmul(prob, self.w2.transpose(0, 2, 1), out=buf.da1)
-        _activation_grad(self.activation, buf.z1, buf.a1, buf.da1, buf.mask, out=buf.dz1)
-        # [[dW1], [db1]] = x1.T @ dz1 (the ones column gives db1); an outer product at B = 1.
-        (np.multiply if single else np.matmul)(x1.transpose(0, 2, 1), buf.dz1, out=self.dw1b)
-        # Keras SGD: m = m*momentum - g*lr; w = w + m (float32 throughout).
-        self.velocity *= self.momentum
-        self.grad *= self.lr
-        self.velocity -= self.grad
-        self.theta += self.velocity
-
-    def begin_epoch(self, x1: np.ndarray, y: np.ndarray, rows: np.ndarray, batch: int, logits: np.ndarray) -> None:
-        """Gather the epoch's batches: x1 [N,F+1] (``with_ones``) and y [N,C] are all training
-        rows, rows [M,N] each member's order; ``run`` writes the pre-update logits to logits [M,N,C]."""
-        self._epoch = (np.take(x1, rows, axis=0), np.take(y, rows, axis=0), batch, logits)
-
-    def run(self, s0: int, s1: int) -> None:
-        """Steps s0..s1-1 of the epoch begun."""
-        xs, ys, batch, logits = self._epoch
-        for i in range(s0 * batch, min(s1 * batch, xs.shape[1]), batch):
-            self.step(xs[:, i:i + batch], ys[:, i:i + batch], logits[:, i:i + batch])
-
-    @staticmethod
-    def eval_input(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A split as the arguments of ``evaluate``."""
-        return with_ones(x), y
-
-    def evaluate(self, x1: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(loss [M], accuracy [M]) of every model on all rows x1 [N,F+1], y [N,C] at once."""
-        m, n = self.theta.shape[0], x1.shape[0]
-        buf = self._buffers_for(n)
-        with np.errstate(all="ignore"):
-            self._forward(np.broadcast_to(x1, (m, *x1.shape)), buf, buf.logits)
-            loss, prob = softmax_xent(buf.logits, np.broadcast_to(y, buf.logits.shape))
-        correct = argmax_classes(prob) == argmax_classes(y)
-        return loss.mean(axis=-1, dtype=np.float32), correct.mean(axis=-1)
-
-
 @lru_cache(maxsize=256)
 def _initial_flat(model: ModelConfig, problem: ProblemConfig, seed: int) -> np.ndarray:
     # initial_weights builds a Keras model and clears the session, whose gc.collect costs
@@ -273,11 +70,12 @@ def _initial_flat(model: ModelConfig, problem: ProblemConfig, seed: int) -> np.n
     return flat
 
 
-def _stack_initial(specs: Sequence[TrialSpec]) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _stack_initial(specs: Sequence[TrialSpec]) -> tuple[np.ndarray, Shape]:
     spec = specs[0]
     n_features, n_classes = data_shape(spec.problem)
-    shape = (n_features, spec.model.hidden_units, n_classes)
-    return np.stack([_initial_flat(s.model, s.problem, s.seed) for s in specs]), shape
+    shape = (n_features, *[spec.model.hidden_units] * spec.model.depth, n_classes)
+    # The penalty draws nothing: members that differ only in l2 start from the same weights.
+    return np.stack([_initial_flat(dataclasses.replace(s.model, l2=0.0), s.problem, s.seed) for s in specs]), shape
 
 
 def _epoch_metrics(logits: np.ndarray, y: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -312,7 +110,7 @@ class _Clock:
     """Scores every active member at the update clock's points (harness.clock): one batched
     forward pass per split for the whole stack, and the gradient noise over the training rows."""
 
-    def __init__(self, spec: TrialSpec, data, size: int, stack: "_Stack | NumbaStack"):
+    def __init__(self, spec: TrialSpec, data, size: int, stack: "Stack | NumbaStack"):
         self.spec, self.data, self.sorted = spec, data, eval_points(spec)
         self.at, self.noise_at = set(self.sorted.tolist()), set(noise_points(spec).tolist())
         self.splits = {name: stack.eval_input(x, y) for name, (x, y) in data.splits().items()}
@@ -324,7 +122,7 @@ class _Clock:
         i = int(np.searchsorted(self.sorted, updates, side="right"))
         return int(self.sorted[i]) if i < len(self.sorted) else np.iinfo(np.int64).max
 
-    def record(self, stack: "_Stack | NumbaStack", members: np.ndarray, updates: int, elapsed: float) -> None:
+    def record(self, stack: "Stack | NumbaStack", members: np.ndarray, updates: int, elapsed: float) -> None:
         scores = {name: stack.evaluate(*split) for name, split in self.splits.items()}
         self.test = scores["test"]
         grad_sq, trace = noise_if(updates in self.noise_at, stack.weights(), self.data.x_train, self.data.y_train,
@@ -347,10 +145,9 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     data = make_data(first.problem)
     n, batch, n_epochs = first.problem.n_train, first.batch_size, first.train.epochs
     theta, shape = _stack_initial(specs)
-    lr = np.array([[s.learning_rate] for s in specs], np.float32)
-    momentum = np.array([[s.train.momentum] for s in specs], np.float32)
-    path = choose_kernel(_group_size(specs, shape), kernel)
-    stack = _make_stack(path, theta, lr, momentum, shape, first.model.activation)
+    hyper = Hyper.from_specs(specs)
+    path = choose_kernel(_group_size(specs, shape), kernel) if numba_supports(hyper, shape) else "numpy"
+    stack = _make_stack(path, theta, hyper, shape, first.model.activation)
     members = np.arange(len(specs))  # spec index of each active row of the stack
     final: list[Weights | None] = [None] * len(specs)
     records: list[list[EpochRecord]] = [[] for _ in specs]
@@ -406,23 +203,30 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
                          points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall, engine_version=version)
 
 
-def _group_size(specs: Sequence[TrialSpec], shape: tuple[int, int, int]) -> GroupSize:
-    spec, (f, h, c) = specs[0], shape
+def numba_supports(hyper: Hyper, shape: Shape) -> bool:
+    """The numba kernels train one hidden layer with plain SGD at a constant rate, no L2: the
+    default study's setting. Other groups (depth, Adam, RMSprop, Nesterov, schedules, L2) take
+    the NumPy path."""
+    return (len(shape) == 3 and hyper.optimizer == "sgd" and not hyper.nesterov and not hyper.any_l2
+            and hyper.rates.shape[1] == 1)
+
+
+def _group_size(specs: Sequence[TrialSpec], shape: Shape) -> GroupSize:
+    spec = specs[0]
     problem = spec.problem
     return GroupSize(models=len(specs), batch_size=spec.batch_size, n_train=problem.n_train, epochs=spec.train.epochs,
-                     weights=(f + 1) * h + h * c, eval_rows=sum(len(x) for x, _ in make_data(problem).splits().values()),
+                     weights=n_params(shape), eval_rows=sum(len(x) for x, _ in make_data(problem).splits().values()),
                      eval_points=len(eval_points(spec)), activation=spec.model.activation)
 
 
-def _make_stack(kernel: str, theta: np.ndarray, lr: np.ndarray, momentum: np.ndarray, shape: tuple[int, int, int],
-                activation: str) -> "_Stack | NumbaStack":
+def _make_stack(kernel: str, theta: np.ndarray, hyper: Hyper, shape: Shape, activation: str) -> "Stack | NumbaStack":
     if kernel == "numpy":
-        return _Stack(theta, np.zeros_like(theta), lr, momentum, shape, activation)
+        return Stack(theta, new_state(hyper.optimizer, theta), hyper, shape, activation)
     from harness.engines import kernel_stack  # imports numba: only groups on the numba path pay for it
 
     kernel_stack.load()  # compile, or load from the cache, before the training clock starts
-    return kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), lr, momentum, shape, activation,
-                                             exact=kernel_stack.blas_is_emulated())
+    return kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), hyper.rates, hyper.momentum, shape,
+                                             activation, exact=kernel_stack.blas_is_emulated())
 
 
 def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:

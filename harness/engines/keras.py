@@ -16,6 +16,7 @@ from harness.clock import eval_points, examples_at, noise_points
 from harness.grid import TrialSpec
 from harness.noise import noise_if
 from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
+from harness.schedule import is_constant, keras_schedule, learning_rates
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, failed_result, make_point, summarize
 from harness.schema import utc_now
 
@@ -38,12 +39,33 @@ def epoch_dataset(data: Data, spec: TrialSpec):
         lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(spec.batch_size))
 
 
+def make_optimizer(spec: TrialSpec):
+    """The trial's Keras optimizer, its rate from harness.schedule (a plain number when constant)."""
+    import keras
+
+    train = spec.train
+    rate = float(learning_rates(spec)[0]) if is_constant(spec) else keras_schedule(spec)
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=rate, beta_1=train.beta_1, beta_2=train.beta_2,
+                                     epsilon=train.epsilon)
+    if train.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=rate, rho=train.rho, epsilon=train.epsilon)
+    return keras.optimizers.SGD(learning_rate=rate, momentum=train.momentum, nesterov=train.nesterov)
+
+
+# With an L2 penalty Keras' logged loss includes it; the harness records the data loss (the
+# cross-entropy), as the fused engine and every evaluation point do, from this metric instead.
+DATA_LOSS = "data_loss"
+
+
 def compile_model(model, spec: TrialSpec, steps_per_execution: int = 1) -> None:
     import keras
 
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=spec.train.momentum),
-        loss="categorical_crossentropy", metrics=["accuracy"], steps_per_execution=steps_per_execution)
+    metrics = ["accuracy"]
+    if spec.model.l2:
+        metrics.append(keras.metrics.CategoricalCrossentropy(name=DATA_LOSS))
+    model.compile(optimizer=make_optimizer(spec), loss="categorical_crossentropy", metrics=metrics,
+                  steps_per_execution=steps_per_execution)
 
 
 def scorer(model, x: np.ndarray, y: np.ndarray):
@@ -105,7 +127,8 @@ def fit_keras(spec: TrialSpec, data: Data):
         def on_epoch_end(self, epoch, logs=None):
             record(self.updates, time.perf_counter() - start)
             records.append(EpochRecord(
-                epoch=epoch + 1, loss=float(logs["loss"]), accuracy=float(logs["accuracy"]),
+                epoch=epoch + 1, loss=float(logs[DATA_LOSS if spec.model.l2 else "loss"]),
+                accuracy=float(logs["accuracy"]),
                 val_loss=points[-1].test_loss, val_accuracy=points[-1].test_accuracy,
                 elapsed_s=points[-1].elapsed_s, updates=self.updates))
             if blow_up(spec, points, records) is not None:

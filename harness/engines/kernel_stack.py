@@ -1,4 +1,4 @@
-"""The numba path's stack of models (``NumbaStack``, the interface of fused._Stack over the
+"""The numba path's stack of models (``NumbaStack``, the interface of stack.Stack over the
 kernels' layout) and what the fused engine needs around the kernels: compiling or loading them
 ahead of the training clock (``load``), and whether this process's BLAS is the one whose
 summation order the kernels emulate (``blas_is_emulated``).
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from harness.engines import fused
+from harness.engines.stack import Stack, with_ones
 from harness.engines.kernel_math import ACTIVATION_CODES, RELU, f32
 from harness.engines.kernels import evaluate, train_steps
 
@@ -39,7 +39,7 @@ def load() -> None:
 
 class NumbaStack:
     """The active members' weights and momenta in the kernels' layout; the same interface as
-    fused._Stack (begin_epoch/run, evaluate, weights, select)."""
+    stack.Stack (begin_epoch/run, evaluate, weights, select)."""
 
     def __init__(self, tensors: tuple[np.ndarray, ...], lr: np.ndarray, momentum: np.ndarray,
                  activation: str, exact: bool):
@@ -50,13 +50,13 @@ class NumbaStack:
         w1b, w2t = tensors[:2]
         self._shape = (w1b.shape[1] - 1, w1b.shape[2], w2t.shape[1])  # (F, H, C)
         self._scores_in_numba = scores_in_numba(self._shape, activation)
-        self._numpy_scorer: fused._Stack | None = None
+        self._numpy_scorer: Stack | None = None
         self._epoch: tuple = ()
 
     @classmethod
     def from_flat(cls, theta: np.ndarray, velocity: np.ndarray, lr: np.ndarray, momentum: np.ndarray,
                   shape: tuple[int, int, int], activation: str, exact: bool) -> "NumbaStack":
-        """From fused._Stack's [M, P] layout (W1, b1, W2, b2 ravelled); lr, momentum [M, 1]."""
+        """From stack.Stack's [M, P] layout (W1, b1, W2, b2 ravelled); lr, momentum [M, 1]."""
         return cls(split(theta, shape) + split(velocity, shape), np.ascontiguousarray(lr[:, 0]),
                    np.ascontiguousarray(momentum[:, 0]), activation, exact)
 
@@ -83,7 +83,7 @@ class NumbaStack:
         """A split as the arguments of ``evaluate``: for the numba kernel, features transposed
         with a ones row and the class ids; for NumPy (``scores_in_numba`` false), fused's."""
         if not self._scores_in_numba:
-            return fused.with_ones(x), y
+            return with_ones(x), y
         x1t = np.ascontiguousarray(np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1).T, np.float32)
         # Fresh, writable arrays: numba compiles a read-only array (the cached data set) as another type.
         return x1t, np.array(y, np.float32), y.argmax(axis=1).astype(np.int64)
@@ -93,16 +93,14 @@ class NumbaStack:
         if self._scores_in_numba:
             return evaluate(*self.tensors[:3], *split, self._act)
         if self._numpy_scorer is None:
-            unused = np.zeros((len(self.lr), 1), np.float32)  # velocity, lr, momentum: no training here
-            self._numpy_scorer = fused._Stack(join(self.tensors[:3]), unused, unused, unused, self._shape,
-                                              self.activation)
+            self._numpy_scorer = Stack.for_scoring(join(self.tensors[:3]), self._shape, self.activation)
         else:  # the weights moved since: copy them into the scorer's [M, P] array
             self._numpy_scorer.theta[...] = join(self.tensors[:3])
         return self._numpy_scorer.evaluate(*split)
 
 
 def scores_in_numba(shape: tuple[int, int, int], activation: str) -> bool:
-    """Whether the numba kernel scores a split faster than fused._Stack.evaluate (35 models, 50
+    """Whether the numba kernel scores a split faster than stack.Stack.evaluate (35 models, 50
     hidden units, 500 rows, measured): with 3 classes 1.6x faster at 2 features, 1.2x at 8, even
     at 16 and 0.6x at 64 (BLAS's blocked matmul wins as the inputs grow); with 10 classes 0.9x
     or slower at any feature count; and slower for tanh, whose NumPy SIMD version beats ours."""
