@@ -276,31 +276,41 @@ def _layers(where: str, raw: Any) -> Any:
     return {**raw, "hidden_units": widths[0], "depth": len(widths)}
 
 
-def _check_train(where: str, train: TrainConfig, raw: Mapping[str, Any]) -> None:
-    for key in sorted(set(raw) & unread_keys(train)):
-        reader = next((f"optimizer '{o}'" for o, keys in OPTIMIZER_KEYS.items() if key in keys), None) \
-            or next((f"schedule '{s}'" for s, keys in SCHEDULE_KEYS.items() if key in keys), None) \
-            or "learning_rate_scaling linear or sqrt"
-        raise ConfigError(f"{where}: 'train.{key}' is not read here; only {reader} reads it "
-                          f"(optimizer is '{train.optimizer}', schedule '{train.schedule}')")
-    if train.warmup_updates and train.warmup_epochs:
-        raise ConfigError(f"{where}: set 'train.warmup_updates' or 'train.warmup_epochs', not both")
+def _combos(train: TrainConfig, blocks) -> list[TrainConfig]:
+    """Every (optimizer, schedule, scaling) a trial of the grid can have, per block."""
+    out = []
+    for block in blocks:
+        axes = dict(block)
+        out.append([dataclasses.replace(train, optimizer=o, schedule=s, learning_rate_scaling=c)
+                    for o in axes.get("optimizer", (train.optimizer,)) for s in axes.get("schedule", (train.schedule,))
+                    for c in axes.get("learning_rate_scaling", (train.learning_rate_scaling,))])
+    return out
 
 
-def _check_read(where: str, train: TrainConfig, block: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
-    """A swept key that no trial of its block reads would multiply nothing: refuse it."""
-    axes = dict(block)
-    combos = [dataclasses.replace(train, optimizer=o, schedule=s, learning_rate_scaling=c)
-              for o in axes.get("optimizer", (train.optimizer,)) for s in axes.get("schedule", (train.schedule,))
-              for c in axes.get("learning_rate_scaling", (train.learning_rate_scaling,))]
-    for axis in axes:
-        if all(axis in unread_keys(t) for t in combos):
-            raise ConfigError(f"{where}: 'sweep.{axis}' is not read by any trial of its block "
-                              f"(optimizer, schedule or learning_rate_scaling do not use it)")
-    if "warmup_updates" in axes and (train.warmup_epochs or "warmup_epochs" in axes):
-        raise ConfigError(f"{where}: sweep 'warmup_updates' or 'warmup_epochs', not both")
-    if "warmup_epochs" in axes and train.warmup_updates:
-        raise ConfigError(f"{where}: sweep 'warmup_updates' or 'warmup_epochs', not both")
+def _readers(key: str) -> str:
+    readers = [f"optimizer '{o}'" for o, keys in OPTIMIZER_KEYS.items() if key in keys]
+    readers += [f"schedule '{s}'" for s, keys in SCHEDULE_KEYS.items() if key in keys]
+    return " or ".join(readers) or "learning_rate_scaling linear or sqrt"
+
+
+def _check_reads(where: str, train: TrainConfig, raw_train: Mapping[str, Any], blocks) -> None:
+    """A key set where no trial reads it would look as if it mattered: refuse it. A train key
+    must be read by some trial of the grid, a swept key by some trial of its block."""
+    per_block = _combos(train, blocks)
+    everywhere = [t for combos in per_block for t in combos]
+    for key in sorted(raw_train):
+        if all(key in unread_keys(t) for t in everywhere):
+            raise ConfigError(f"{where}: 'train.{key}' is not read by any trial; only {_readers(key)} reads it "
+                              f"(optimizer is '{train.optimizer}', schedule '{train.schedule}', "
+                              f"learning_rate_scaling '{train.learning_rate_scaling}')")
+    for block, combos in zip(blocks, per_block):
+        for axis, _ in block:
+            if all(axis in unread_keys(t) for t in combos):
+                raise ConfigError(f"{where}: 'sweep.{axis}' is not read by any trial of its block; only "
+                                  f"{_readers(axis)} reads it")
+        axes = dict(block)
+        if ("warmup_updates" in axes or train.warmup_updates) and ("warmup_epochs" in axes or train.warmup_epochs):
+            raise ConfigError(f"{where}: set or sweep 'train.warmup_updates' or 'train.warmup_epochs', not both")
 
 
 def _problem(where: str, raw: Any, folder: Path) -> ProblemConfig:
@@ -368,7 +378,6 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid", folder: Path | 
     problem = _problem(where, raw.get("problem"), Path(where).parent if folder is None else folder)
     model = _section(where, _layers(where, raw.get("model")), ModelConfig, "model")
     train = _section(where, raw.get("train"), TrainConfig, "train")
-    _check_train(where, train, raw.get("train") or {})
     probe = raw.get("timing_probe", False)
     if not isinstance(probe, bool):
         raise ConfigError(f"{where}: 'timing_probe' must be true or false, got {probe!r}")
@@ -381,8 +390,8 @@ def parse_grid(raw: Any, where: str, default_name: str = "grid", folder: Path | 
         blocks = tuple(_sweep_block(where, b, f"sweep[{i}]") for i, b in enumerate(sweep_raw))
     else:
         blocks = (_sweep_block(where, sweep_raw, "sweep"),)
+    _check_reads(where, train, raw.get("train") or {}, blocks)
     for block in blocks:
-        _check_read(where, train, block)
         for axis, values in block:
             if axis == "batch_size" and max(values) > problem.n_train:
                 raise ConfigError(f"{where}: 'sweep.batch_size' value {max(values)} is above "

@@ -32,7 +32,8 @@ def scale(spec: TrialSpec) -> float:
 
 def warmup_updates(spec: TrialSpec) -> int:
     train = spec.train
-    return train.warmup_updates or math.ceil(train.warmup_epochs * spec.updates_per_epoch)
+    # Rounded before the ceiling: 1.1 epochs of 100 updates are 110, not ceil(110.00000000000001).
+    return train.warmup_updates or math.ceil(round(train.warmup_epochs * spec.updates_per_epoch, 9))
 
 
 def is_constant(spec: TrialSpec) -> bool:
@@ -49,7 +50,7 @@ def learning_rates(spec: TrialSpec) -> np.ndarray:
     if w:
         rate *= np.minimum(1.0, (t + 1.0) / w)
     if train.schedule == "step":
-        period = train.decay_epochs * spec.updates_per_epoch
+        period = round(train.decay_epochs * spec.updates_per_epoch, 9)
         rate *= train.decay_factor ** np.floor(t / period)
     elif train.schedule == "cosine" and total > w:
         rate *= np.where(t >= w, 0.5 * (1.0 + np.cos(math.pi * (t - w) / (total - w))), 1.0)

@@ -60,7 +60,7 @@ def test_misspelt_key_lists_valid_keys_golden():
     ({**GOOD, "name": "../etc"}, "plain identifier"),
     ({**GOOD, "name": "a/b"}, "plain identifier"),
     ({**GOOD, "model": {"activation": "relux"}}, "valid choices: relu, tanh, sigmoid"),
-    ({**GOOD, "train": {"optimizer": "adam"}}, "valid choices: sgd"),
+    ({**GOOD, "train": {"optimizer": "adamw"}}, "valid choices: sgd, adam, rmsprop (did you mean 'adam'?)"),
     ({**GOOD, "problem": {"dataset": "mnist"}}, "valid choices: blobs"),
     ({**GOOD, "train": {"momentum": 1.0}}, "momentum' must be in [0, 1)"),
     ({**GOOD, "train": {"epochs": "10"}}, "whole number"),
