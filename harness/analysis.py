@@ -96,6 +96,17 @@ def timing_kind(trials: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(trials["group_size"].fillna(1) > 1, AMORTIZED, ISOLATED), index=trials.index)
 
 
+def at_peak_rate(trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with learning_rate as the rate actually reached: the grid's rate times the
+    batch-size scaling (learning_rate_scaling linear or sqrt; harness.schedule.scale), for
+    figures whose x axis is a physical quantity of the step size."""
+    ratio = trials["batch_size"] / trials["base_batch_size"]
+    power = trials["learning_rate_scaling"].map({"none": 0.0, "linear": 1.0, "sqrt": 0.5})
+    if (power == 0).all():
+        return trials
+    return trials.assign(learning_rate=trials["learning_rate"] * ratio ** power)
+
+
 def study_columns(trials: pd.DataFrame) -> list[str]:
     """Config columns other than the study axes that take more than one value."""
     return [c for c in CONFIG_NAMES if c not in STUDY_AXES and trials[c].nunique(dropna=False) > 1]

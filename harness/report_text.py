@@ -125,6 +125,9 @@ def _image(stem: str, formats: Sequence[str]) -> str:
     return f"![{stem}]({stem}.{shown})" + (f"\n\n{links}" if len(formats) > 1 else "")
 
 
+COMPARISON = "study_comparison"  # the figure that sets the studies of a folder side by side
+
+
 def render_report(results_dir: Path, trials: pd.DataFrame, runs: list[dict], target: float,
                   formats: Sequence[str], notes: Sequence[str], data_figures: Sequence[str], sections) -> str:
     """report.md: provenance, warnings, every figure and every table in one page."""
@@ -142,7 +145,9 @@ def render_report(results_dir: Path, trials: pd.DataFrame, runs: list[dict], tar
                 + ". Figures are drawn from what is on disk and say what is missing.", ""]
     if notes:
         out += ["## Warnings", ""] + [f"- {n}" for n in notes] + [""]
-    out += ["## Data set", ""] + [_image(name, formats) + "\n" for name in data_figures]
+    out += ["## Data set", ""] + [_image(name, formats) + "\n" for name in data_figures if name != COMPARISON]
+    if COMPARISON in data_figures:
+        out += ["## Studies compared", "", _image(COMPARISON, formats), ""]
     for section in sections:
         out += [f"## {section.label or 'Results'}", ""]
         for stem, title in section.figures.items():

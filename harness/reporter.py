@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from harness import analysis, critical, scaling
 from harness.critical_figures import (plot_critical_vs_noise, plot_learning_rate_scaling, plot_noise_scale_collapse,
                                       plot_steps_to_target, plot_steps_vs_examples)
+from harness.comparison_figures import has_comparison, plot_study_comparison
 from harness.config import ConfigError
 from harness.figures import plot_accuracy_heatmap, plot_data_set, plot_learning_curves, problem_of
 from harness.plan import planned_specs
@@ -142,6 +143,14 @@ def _needs(sizes: int = 1, rates: int = 1, cells: int = 1, ok: bool = True) -> C
     return why
 
 
+def _needs_sgd(s: Study) -> str:
+    """g = lr N / (B (1 - momentum)) is the noise scale of SGD with momentum; other optimizers have none."""
+    others = sorted(set(s.trials["optimizer"]) - {"sgd"})
+    if others:
+        return f"the SGD noise scale describes SGD; this study's optimizer is {', '.join(others)}"
+    return _needs(sizes=2)(s)
+
+
 def _needs_clock(s: Study) -> str:
     """The critical-batch-size figures read the update clock and fit over batch sizes."""
     if s.points.empty:
@@ -175,7 +184,8 @@ FIGURES = (
                                                     sorted(s.trials["learning_rate"].unique()), s.scaling.chosen,
                                                     s.done.note), _needs(sizes=2, rates=2)),
     FigureSpec("noise_scale_collapse", "Final accuracy against the SGD noise scale",
-               lambda s: plot_noise_scale_collapse(s.trials, s.scaling.chosen, s.done.note), _needs(sizes=2)),
+               lambda s: plot_noise_scale_collapse(analysis.at_peak_rate(s.trials), s.scaling.chosen, s.done.note),
+               _needs_sgd),
 )
 
 
@@ -328,10 +338,14 @@ def write_report(results_dir: Path, out_dir: Path, target: float = 0.8,
     if plan_note:
         notes.append(f"planned grid unknown ({plan_note}): completeness is judged from the cells on disk")
     problems: dict = {}  # one data-set figure per distinct problem, not per study
-    for _, part in analysis.split_studies(trials):
+    studies = analysis.split_studies(trials)
+    for _, part in studies:
         problems.setdefault(problem_of(part), part)
     data_figures = [("data_set" if i == 0 else f"data_set-{i + 1}") for i in range(len(problems))]
     save_figures({name: plot_data_set(part) for name, part in zip(data_figures, problems.values())}, out_dir, formats)
+    if has_comparison(studies):
+        save_figures({"study_comparison": plot_study_comparison(studies)}, out_dir, formats)
+        data_figures.append("study_comparison")
     sections = []
     for section, figures in build_sections(trials, epochs, target, planned, points, probes):
         save_figures(figures, out_dir, formats)
