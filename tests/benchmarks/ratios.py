@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bs:>4} {us[0]:>12} {us[1]:>12} {ratio(rows[0], rows[1]):>12} {us[2]:>12} {us[3]:>12} "
               f"{ratio(rows[2], rows[3]):>12}")
 
+    names = sorted({e.split(":", 1)[1] for e, _ in costs if e.startswith("fused:")})
+    if names:
+        print("\nper optimizer at batch size 1 (us per model-update; keras/fused must stay >= 10):")
+        print(f"{'optimizer':10} {'fused':>8} {'keras':>8} {'keras/fused':>12} {'keras steady/fused':>19}")
+        for name in names:
+            fused, keras = costs.get((f"fused:{name}", 1)), costs.get((f"keras:{name}", 1))
+            steady = {"us_per_model_update": keras["steady_s_per_update"] * 1e6} if keras else None
+            us = [f"{r['us_per_model_update']:.2f}" if r else "-" for r in (fused, keras)]
+            print(f"{name:10} {us[0]:>8} {us[1]:>8} {ratio(keras, fused):>12} {ratio(steady, fused):>19}")
+
     for row in others:
         models = f" for {row['models']} models" if "models" in row else ""
         print(f"\n{row['name']}: {row['seconds'] * 1e3:.2f} ms{models} ({row.get('what', '')})")

@@ -129,10 +129,10 @@ def stack_for(kernel: str, specs: list[TrialSpec]):
     """The stack train_fused would build for ``specs`` on one path, with zero momenta."""
     from harness.engines import fused
 
+    from harness.engines.optimizers import Hyper
+
     theta, shape = fused._stack_initial(specs)
-    lr = np.array([[s.learning_rate] for s in specs], np.float32)
-    momentum = np.array([[s.train.momentum] for s in specs], np.float32)
-    return fused._make_stack(kernel, theta, lr, momentum, shape, "relu")
+    return fused._make_stack(kernel, theta, Hyper.from_specs(specs), shape, "relu")
 
 
 @pytest.mark.parametrize("kernel", FUSED_ENGINES)
@@ -249,6 +249,43 @@ def test_keras(benchmark, batch_size):
     benchmark.extra_info["steady_s_per_epoch"] = steady
     benchmark.extra_info["steady_s_per_update"] = steady / spec.updates_per_epoch
     benchmark.extra_info["fit_s"] = min(r.wall_clock_s for r in results)
+
+
+# Every optimizer at batch size 1, both engines: the fused engine must stay >= 10x the Keras
+# engine per model-update for each (ratios.py prints the table). Rates as Keras' defaults suit.
+OPTIMIZERS = {"sgd": dict(), "nesterov": dict(nesterov=True), "adam": dict(optimizer="adam"),
+              "rmsprop": dict(optimizer="rmsprop")}
+OPTIMIZER_RATE = {"sgd": 1.0, "nesterov": 1.0, "adam": 0.1, "rmsprop": 0.1}  # x LEARNING_RATES
+
+
+def with_optimizer(spec: TrialSpec, name: str) -> TrialSpec:
+    return dataclasses.replace(spec, learning_rate=spec.learning_rate * OPTIMIZER_RATE[name],
+                               train=dataclasses.replace(spec.train, **OPTIMIZERS[name]))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fused_optimizer(benchmark, name):
+    from harness.engines.fused import train_fused
+
+    specs = [with_optimizer(s, name) for s in group(1, EPOCHS[1])]
+    train_fused([dataclasses.replace(s, train=dataclasses.replace(s.train, epochs=1)) for s in specs])
+    record(benchmark, specs[0], len(specs), f"fused:{name}")
+    training = benchmark.pedantic(train_fused, args=(specs,), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(len(r) == specs[0].train.epochs for r in training.records)  # nobody diverged
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_keras_optimizer(benchmark, name):
+    from harness.engines.keras import run_trial
+
+    spec = with_optimizer(make_spec(1, KERAS_EPOCHS[1], learning_rate=1e-3, engine="keras"), name)
+    run_trial(dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=1)))
+    results = []
+    record(benchmark, spec, 1, f"keras:{name}")
+    benchmark.pedantic(lambda: results.append(run_trial(spec)), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(r.status == "ok" for r in results), results[-1].error
+    steady = min((r.epochs[-1].elapsed_s - r.epochs[0].elapsed_s) / (r.epochs_run - 1) for r in results)
+    benchmark.extra_info["steady_s_per_update"] = steady / spec.updates_per_epoch
 
 
 @pytest.mark.parametrize("batch_size", (1, 7))
