@@ -77,8 +77,9 @@ def run_parser() -> argparse.ArgumentParser:
                    help="results folder or file:// URI (default: results/<grid name>/)")
     p.add_argument("--address", help="Ray cluster to join (ray://host:10001, host:6379 or 'auto'); "
                                      "default: $RAY_ADDRESS, else a private local Ray")
-    p.add_argument("--backend", choices=("ray", "serial"), default="ray",
-                   help="ray (default) or serial: the same trials in this process, without Ray")
+    p.add_argument("--backend", choices=("auto", "ray", "serial"), default="auto",
+                   help="auto (default): Ray, unless a private Ray would cost more to start than it saves "
+                        "(a small grid), then this process; ray: always Ray; serial: always this process")
     p.add_argument("--engine", choices=ENGINES, help="override the grid's train.engine")
     p.add_argument("--max-concurrent", type=_positive_int, help="at most N tasks in flight (default: as many as CPUs allow)")
     p.add_argument("--cpus-per-trial", type=_positive_int, default=1, help="CPUs (and TF threads) per task (default 1)")
@@ -108,9 +109,22 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
+def _in_process(args) -> "SerialBackend":
+    """The serial backend, with what a Ray worker gets (thread budget, quiet TensorFlow) set in
+    this process's environment before TensorFlow is first imported. Values already set win."""
+    from harness.scheduler import SerialBackend, worker_env
+
+    for key, value in worker_env(args.cpus_per_trial).items():
+        if not (args.verbose and key == "TF_CPP_MIN_LOG_LEVEL"):
+            os.environ.setdefault(key, value)
+    return SerialBackend()
+
+
 def run_main(argv: list[str] | None = None) -> int:
     from harness import driver, store
-    from harness.scheduler import RayBackend, SerialBackend, worker_env
+    from harness.initial import DrawError
+    from harness.scheduler import RayBackend
+    from harness.work import ray_pays_off
 
     prog = "harness run"
     try:
@@ -129,16 +143,21 @@ def run_main(argv: list[str] | None = None) -> int:
         driver.check_results_dir(results_dir)
         if args.backend == "serial" and args.address:
             raise ConfigError("--address needs the ray backend, not --backend serial")
-        if args.backend == "serial":
-            # The trials run in this process: give it what a Ray worker gets (thread budget,
-            # quiet TensorFlow) before TensorFlow is first imported. Set values win.
-            for key, value in worker_env(args.cpus_per_trial).items():
-                if not (args.verbose and key == "TF_CPP_MIN_LOG_LEVEL"):
-                    os.environ.setdefault(key, value)
-            backend = SerialBackend()
-        else:
-            backend = RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial,
+        if not args.verbose:  # the driver itself may import TensorFlow (initial weights, serial trials)
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        ray_backend = RayBackend(address=args.address, cpus_per_trial=args.cpus_per_trial,
                                  max_concurrent=args.max_concurrent, verbose=args.verbose)
+        backend = _in_process(args) if args.backend == "serial" else ray_backend
+        pick = None
+        if args.backend == "auto" and not (args.address or os.environ.get("RAY_ADDRESS")):
+            cores = args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial)
+
+            def pick(todo):
+                if ray_pays_off(todo, cores):
+                    return ray_backend
+                print("harness run: a small grid: training in this process, without starting Ray "
+                      "(--backend ray to use Ray anyway)", file=sys.stderr)
+                return _in_process(args)
         if args.dry_run:  # strictly read-only: what a run would set aside is reported, not moved
             with driver.announced_set_asides():
                 on_disk = store.finished_trials(results_dir, move=False) if not args.fresh else {}
@@ -165,10 +184,11 @@ def run_main(argv: list[str] | None = None) -> int:
                                                # report can tell what is still missing from anywhere
                                                "grid_yaml": grid.source, "overrides": list(grid.overrides),
                                                "data_file": grid.problem.path or None,
-                                               "data_file_sha256": grid.problem.file_sha256 or None})
+                                               "data_file_sha256": grid.problem.file_sha256 or None},
+                                   pick_backend=pick)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (UsageError, ConfigError, store.StoreError) as exc:
+    except (UsageError, ConfigError, store.StoreError, DrawError) as exc:
         return _fail(prog, str(exc))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted before any trial ran; nothing was written", file=sys.stderr)

@@ -9,11 +9,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
-from harness import probe, store
+from harness import initial, probe, store
 from harness.compaction import compact
 from harness.config import GridConfig
+from harness.grid import TrialSpec
 from harness.plan import Plan, plan_run
 from harness.scheduler import Backend
 from harness.schema import new_run_id, run_metadata, utc_now
@@ -140,13 +141,15 @@ def _measure_probes(todo: list, results_dir: Path, backend: Backend, run_id: str
 
 
 def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_failed: bool = False,
-              progress: bool = True, meta_extra: dict | None = None, flush_s: float = 5.0) -> RunSummary:
+              progress: bool = True, meta_extra: dict | None = None, flush_s: float = 5.0,
+              pick_backend: Callable[[Sequence[TrialSpec]], Backend] | None = None) -> RunSummary:
     """Train every unfinished trial of ``grid`` into ``results_dir``; resumable at any point.
 
     Holds the folder's lock for the whole run. Results are written within seconds of
     arriving (BufferedWriter), so an interrupted run keeps all that finished, and the parts are
     compacted at the end. KeyboardInterrupt stops the run, writes what arrived and returns with
-    ``interrupted`` set.
+    ``interrupted`` set. ``pick_backend``, if given, chooses the backend once the trials left to
+    run are known (``--backend auto``: a small grid runs in this process instead of starting Ray).
     """
     started = utc_now()
     t0 = time.perf_counter()
@@ -157,10 +160,14 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             plan = plan_run(grid, store.finished_trials(results_dir), retry_failed)
             if plan.retry:
                 store.remove_trials(results_dir, set(plan.retry))
+        if pick_backend is not None and plan.todo:
+            backend = pick_backend(plan.todo)
         summary = RunSummary(run_id=run_id, results_dir=results_dir, total=len(plan.specs),
                              skipped=len(plan.specs) - len(plan.todo), set_aside=moved)
         probes = probe.probes_for(plan.specs, set(store.read_probes(results_dir)["probe_id"])) \
             if grid.timing_probe else []
+        # Drawn (TensorFlow imported on a cold cache) while Ray starts, sent with the fused tasks.
+        weights = initial.Preparing(plan.todo) if plan.todo else None
         if plan.todo or probes:
             backend.connect()  # a cluster that cannot be joined fails here, before anything is written
             store.write_run_metadata(results_dir, run_metadata(
@@ -174,7 +181,8 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             if probes:
                 _measure_probes(probes, results_dir, backend, run_id)
             # No work, no backend: a finished grid reruns in a blink, without starting Ray.
-            results_iter = backend.run(plan_tasks(plan.todo, backend.slots())) if plan.todo else iter([])
+            if plan.todo:
+                results_iter = backend.run(initial.attach(plan_tasks(plan.todo, backend.slots()), weights.result()))
             for results in results_iter:
                 writer.add(results)
                 summary.statuses.update(r.status for r in results)

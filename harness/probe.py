@@ -47,11 +47,12 @@ def probes_for(specs: Sequence[TrialSpec], done: set[str] = frozenset()) -> list
 def run_probe(spec: TrialSpec, repeats: int = REPEATS, min_updates: int = MIN_UPDATES) -> dict:
     """Time ``spec``'s update on this process's one thread; a row of schema.PROBE_COLUMNS (run_id
     is filled in by the store)."""
+    from harness.problem import build_model, import_tensorflow, make_data, pin_threads
+
+    tf = import_tensorflow()
     import keras
-    import tensorflow as tf
 
     from harness.engines.keras import compile_model, epoch_dataset
-    from harness.problem import build_model, make_data, pin_threads
 
     pin_threads(1)
     keras.backend.clear_session()

@@ -5,6 +5,9 @@ trains the same model on the same batches and engines can be compared number for
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -81,8 +84,33 @@ def epoch_batches(seed: int, epoch: int, n_train: int, batch_size: int) -> list[
     return [order[i:i + batch_size] for i in range(0, n_train, batch_size)]
 
 
+def import_tensorflow():
+    """``import tensorflow``, keeping its C++ start-up lines (the oneDNN notice, absl's preamble)
+    off stderr when quiet TensorFlow was asked for (TF_CPP_MIN_LOG_LEVEL >= 2, as a worker's
+    environment sets it): TensorFlow 2.21 prints them through absl before it reads that
+    variable. Its Python logger is quieted the same way (retracing notices). Call it before the
+    first ``import keras`` of a process; later calls return the module."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") < "2":
+        import tensorflow
+        return tensorflow
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    return tensorflow
+
+
 def build_model(model: ModelConfig, problem: ProblemConfig, seed: int):
     """The reference network, its weights drawn from ``seed`` exactly as Keras draws them."""
+    import_tensorflow()
     import keras
 
     n_features, n_classes = data_shape(problem)  # before seeding: whatever loading draws cannot move the weights
@@ -106,7 +134,7 @@ def initial_weights(model: ModelConfig, problem: ProblemConfig, seed: int) -> tu
 
 def pin_threads(n: int) -> None:
     """Keep TensorFlow to ``n`` threads so N cores run N trials without oversubscription."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     for setter in (tf.config.threading.set_intra_op_parallelism_threads,
                    tf.config.threading.set_inter_op_parallelism_threads):

@@ -40,14 +40,14 @@ def tiny(tmp_path) -> Path:
 
 def test_run_with_ray_then_rerun_runs_nothing(tiny, tmp_path):
     out = tmp_path / "out"
-    first = harness_run(tiny, "--results", out)
+    first = harness_run(tiny, "--results", out, "--backend", "ray")
     assert first.returncode == 0, first.stderr
     assert "2 trials run (2 ok, 0 diverged, 0 failed)" in first.stdout
     trials = pd.read_parquet(out / "trials")
     assert sorted(trials.batch_size) == [50, 500] and set(trials.status) == {"ok"}
     assert trials.node_id.str.len().min() > 10  # a real Ray node id, not 'local'
     assert len(pd.read_parquet(out / "epochs")) == 4
-    second = harness_run(tiny, "--results", out)
+    second = harness_run(tiny, "--results", out, "--backend", "ray")
     assert second.returncode == 0 and "0 trials run" in second.stdout and "2 already finished" in second.stdout
     assert len(pd.read_parquet(out / "trials")) == 2
 
@@ -100,3 +100,13 @@ def test_missing_grid_and_bad_results_path(tmp_path, tiny):
     a_file.write_text("precious")
     assert_one_line_error(harness_run(tiny, "--results", a_file), "exists and is not a folder")
     assert a_file.read_text() == "precious"
+
+
+def test_small_grid_runs_in_this_process_by_default_and_says_so(tiny, tmp_path):
+    """--backend auto: two short trials cost less than starting Ray; the driver trains them."""
+    out = tmp_path / "out"
+    proc = harness_run(tiny, "--results", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "a small grid: training in this process, without starting Ray" in proc.stderr
+    assert "oneDNN" not in proc.stderr and "absl" not in proc.stderr  # TensorFlow's start-up lines stay quiet
+    assert set(pd.read_parquet(out / "trials").node_id) == {"local"}

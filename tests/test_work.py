@@ -1,4 +1,6 @@
 """Work sized to the cluster: splits only where a group would be the critical path, packs short trials."""
+from pathlib import Path
+
 from harness.grid import expand_grid
 from harness.work import MIN_FUSED, estimated_cost, group_specs, modelled_wall_s, plan_tasks
 
@@ -29,3 +31,24 @@ def test_short_keras_trials_are_packed_a_few_tasks_per_slot():
     tasks = plan_tasks(specs, 2)
     assert 2 <= len(tasks) < len(specs) and max(len(t) for t in tasks) > 1
     assert sorted(s.trial_id for t in tasks for s in t) == sorted(s.trial_id for s in specs)
+
+
+def test_ray_pays_off_only_when_it_saves_more_than_its_start_up():
+    from harness.config import ModelConfig, ProblemConfig, TrainConfig
+    from harness.grid import TrialSpec
+    from harness.work import RAY_START_S, modelled_wall_s, plan_tasks, ray_pays_off
+
+    def specs(epochs, seeds):
+        return [TrialSpec(ProblemConfig(), ModelConfig(), TrainConfig(epochs=epochs, engine="fused"), bs, lr, seed)
+                for bs in (1, 32, 500) for lr in (0.01, 0.1) for seed in range(seeds)]
+
+    from harness.config import load_grid, with_engine
+    from harness.grid import expand_grid
+
+    small = specs(10, 2)
+    big = expand_grid(with_engine(load_grid(Path(__file__).parent.parent / "grids" / "full.yaml"), "fused"))
+    for todo, expected in ((small, False), (big, True)):
+        saving = modelled_wall_s(plan_tasks(todo, 1), 1) - modelled_wall_s(plan_tasks(todo, 2), 2)
+        assert (saving > RAY_START_S) is expected, saving
+        assert ray_pays_off(todo, 2) is expected
+    assert not ray_pays_off(big, 1)  # one core: nothing to fan out

@@ -24,22 +24,21 @@ work) stay on NumPy and a small grid never waits for a compile; $HARNESS_FUSED_K
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from harness.clock import eval_points, examples_at, noise_points
-from harness.config import ModelConfig, ProblemConfig
 from harness.engines.kernel_choice import GroupSize, choose_kernel
 from harness.engines.optimizers import Hyper, new_state
 from harness.engines.stack import Shape, Stack, Weights, argmax_classes, n_params, softmax_xent, with_ones
 from harness.noise import noise_if
 from harness.grid import TrialSpec
-from harness.problem import data_shape, epoch_batches, initial_weights, make_data, pin_threads
+from harness import initial
+from harness.problem import data_shape, epoch_batches, make_data, pin_threads
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize
 from harness.schema import utc_now
 from harness.work import group_key
@@ -61,21 +60,14 @@ class FusedTraining:
     engine_version: str = f"numpy {np.__version__}"  # what trained it: numpy, or numpy + numba kernels
 
 
-@lru_cache(maxsize=256)
-def _initial_flat(model: ModelConfig, problem: ProblemConfig, seed: int) -> np.ndarray:
-    # initial_weights builds a Keras model and clears the session, whose gc.collect costs
-    # ~0.5 s in a process holding TensorFlow: draw each seed once per process, not per group.
-    flat = np.concatenate([w.ravel() for w in initial_weights(model, problem, seed)]).astype(np.float32)
-    flat.setflags(write=False)
-    return flat
-
-
 def _stack_initial(specs: Sequence[TrialSpec]) -> tuple[np.ndarray, Shape]:
+    """[M, P] initial weights and the layer widths. The driver sends them with the task
+    (``initial.attach``); a group run elsewhere reads them from the cache or draws them."""
     spec = specs[0]
     n_features, n_classes = data_shape(spec.problem)
     shape = (n_features, *[spec.model.hidden_units] * spec.model.depth, n_classes)
-    # The penalty draws nothing: members that differ only in l2 start from the same weights.
-    return np.stack([_initial_flat(dataclasses.replace(s.model, l2=0.0), s.problem, s.seed) for s in specs]), shape
+    sent = getattr(specs, "initial", None) or {}
+    return np.stack([sent[key] if (key := initial.key_of(s)) in sent else initial.flat(s) for s in specs]), shape
 
 
 def _epoch_metrics(logits: np.ndarray, y: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,12 +131,12 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     members that blow up stop at the end of that epoch, the rest go on. ``kernel`` picks the
     path: "numpy", "numba", or "auto" (the rule in kernel_choice); None reads
     $HARNESS_FUSED_KERNEL, default auto. The caller pins BLAS threads (run_group does)."""
-    specs = tuple(specs)
     _check_group(specs)
+    theta, shape = _stack_initial(specs)  # before the tuple() below drops what the task carried
+    specs = tuple(specs)
     first = specs[0]
     data = make_data(first.problem)
     n, batch, n_epochs = first.problem.n_train, first.batch_size, first.train.epochs
-    theta, shape = _stack_initial(specs)
     hyper = Hyper.from_specs(specs)
     path = choose_kernel(_group_size(specs, shape), kernel) if numba_supports(hyper, shape) else "numpy"
     stack = _make_stack(path, theta, hyper, shape, first.model.activation)
@@ -234,7 +226,8 @@ def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:
     from threadpoolctl import threadpool_limits
 
     started = utc_now()
-    pin_threads(1)  # TensorFlow only draws the initial weights here
+    if "tensorflow" in sys.modules:  # only if a draw imported it: initial weights usually come with the task
+        pin_threads(1)
     with threadpool_limits(limits=1, user_api="blas"):  # N cores run N groups, not one group on N
         training = train_fused(specs)
     size = len(specs)

@@ -15,7 +15,7 @@ import numpy as np
 from harness.clock import eval_points, examples_at, noise_points
 from harness.grid import TrialSpec
 from harness.noise import noise_if
-from harness.problem import Data, build_model, epoch_batches, make_data, pin_threads
+from harness.problem import Data, build_model, epoch_batches, import_tensorflow, make_data, pin_threads
 from harness.schedule import is_constant, keras_schedule, learning_rates
 from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, failed_result, make_point, summarize
 from harness.schema import utc_now
@@ -143,8 +143,8 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     """Train one trial with Keras ``fit``; never raises for a per-trial problem."""
     started = utc_now()
     try:
+        tf = import_tensorflow()
         import keras
-        import tensorflow as tf
 
         pin_threads(int(os.environ.get("HARNESS_THREADS_PER_TRIAL", "1")))
         keras.backend.clear_session()

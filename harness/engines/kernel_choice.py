@@ -41,10 +41,11 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from harness import cachedir
 
 KERNELS = ("numpy", "numba")
 CHOICES = ("auto", *KERNELS)
@@ -142,21 +143,10 @@ def cache_dir() -> Path:
     for name in SOURCES:
         digest.update((here / name).read_bytes())
     leaf = f"kernels-{digest.hexdigest()[:16]}"
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        candidates = [Path(os.environ["NUMBA_CACHE_DIR"])]
-    else:
-        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        candidates = [home / "harness-numba", Path(tempfile.gettempdir()) / f"harness-numba-{uid}"]
-    for base in candidates:
-        try:
-            (base / leaf).mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(base / leaf, os.W_OK | os.X_OK):
-            return base / leaf
-    raise OSError(f"fused engine: no writable directory for numba's cache among {', '.join(map(str, candidates))}; "
-                  "set NUMBA_CACHE_DIR to one")
+    try:
+        return cachedir.cache_dir("harness-numba", leaf, os.environ.get("NUMBA_CACHE_DIR"))
+    except OSError as exc:
+        raise OSError(f"fused engine: {exc} for numba's kernels; set NUMBA_CACHE_DIR to one") from None
 
 
 def kernels_cached() -> bool:
