@@ -292,11 +292,23 @@ def build_sections(trials: pd.DataFrame, epochs: pd.DataFrame, target: float, pl
                 section.skipped[spec.title] = reason
             else:
                 section.figures[spec.name + suffix] = spec.title
-                figures[spec.name + suffix] = spec.draw(study)
+                figures[spec.name + suffix] = _labelled(spec.draw(study), part, label)
         if not _needs_clock(study):
             section.scaling = study.scaling.lines
         section.table = summary_table(study.cells, label)
         yield section, figures
+
+
+def _labelled(fig: Figure, trials: pd.DataFrame, label: str) -> Figure:
+    """``fig`` with what it is about under its title: the data set and the optimizer, and the
+    study's other settings when the results hold several studies."""
+    parts = [f"data set {', '.join(map(str, sorted(trials['dataset'].unique())))}",
+             f"optimizer {', '.join(map(str, sorted(trials['optimizer'].unique())))}"]
+    parts += [item for item in label.split(", ") if item and not item.startswith(("dataset=", "optimizer="))]
+    title = fig._suptitle.get_text() if fig._suptitle else ""
+    lines = title.split("\n")
+    fig.suptitle("\n".join([lines[0], " · ".join(parts), *lines[1:]]), fontsize="large")
+    return fig
 
 
 def read_frames(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
