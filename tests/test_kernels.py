@@ -37,6 +37,7 @@ import test_fused  # noqa: E402
 from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
 from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels, stack  # noqa: E402
 from harness.engines.fused import train_fused  # noqa: E402
+from harness.engines.optimizers import Hyper  # noqa: E402
 from harness.engines.kernel_choice import GroupSize, choose_kernel  # noqa: E402
 from harness.grid import TrialSpec  # noqa: E402
 from harness.problem import make_data  # noqa: E402
@@ -52,6 +53,21 @@ def group(batch_size: int, epochs: int, activation: str = "relu", problem: Probl
                       train=TrainConfig(epochs=epochs, momentum=momentum, engine="fused", eval_schedule=schedule),
                       batch_size=batch_size, learning_rate=lr, seed=seed)
             for lr in learning_rates for seed in (0, 1) for momentum in (0.9, 0.0)]
+
+
+def with_options(specs: list[TrialSpec], nesterov: bool = False) -> list[TrialSpec]:
+    """``specs`` cycled through SGD's options: warm-up with cosine decay, step decay, linear
+    scaling of the rate, an L2 penalty, none; Nesterov for all members when ``nesterov`` (a
+    stack shares its update rule)."""
+    options = [dict(train=dict(warmup_updates=30, schedule="cosine")), dict(train=dict(schedule="step", decay_epochs=1.0)),
+               dict(train=dict(learning_rate_scaling="linear", base_batch_size=4)), dict(model=dict(l2=1e-3)), {}]
+    out = []
+    for i, spec in enumerate(specs):
+        option = options[i % len(options)]
+        train = dict(option.get("train", {}), **({"nesterov": True} if nesterov else {}))
+        out.append(dataclasses.replace(spec, train=dataclasses.replace(spec.train, **train),
+                                       model=dataclasses.replace(spec.model, **option.get("model", {}))))
+    return out
 
 
 def weight_diff(a, b) -> float:
@@ -90,6 +106,11 @@ CASES = {
     "digits-bs48": (group(48, 3, problem=DIGITS), False, 2e-5),  # 64 features, 10 classes: not emulated
     "digits-bs1": (group(1, 1, problem=DIGITS, learning_rates=(0.003, 0.001)), False, 2e-4),
     **{f"bs{b}": (group(b, 2), True, 2e-5) for b in (2, 3, 32, 64, 499)},  # the research's other batch sizes
+    # SGD's other options (tests/test_axes_engines.py holds them to Keras): per-update rates
+    # (warm-up, cosine, step, batch-size scaling), Nesterov, L2 in some members of the stack.
+    "bs1-schedules-nesterov-l2": (with_options(group(1, 2)), True, 2e-4),
+    "bs7-schedules-nesterov-l2": (with_options(group(7, 3)), True, 2e-5),
+    "bs7-nesterov": (with_options(group(7, 3), nesterov=True), True, 2e-5),
 }
 
 
@@ -133,8 +154,8 @@ def test_evaluation_pass_matches_numpy(activation, problem):
     b2[1, 0] = np.inf
     theta = np.concatenate([w.reshape(len(w), -1) for w in (w1, b1, w2, b2)], axis=1)
     shape = (w1.shape[1], w1.shape[2], w2.shape[2])
-    ones = np.ones((len(theta), 1), np.float32)
-    numba_stack = kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), ones, ones, shape, activation, EXACT)
+    numba_stack = kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), Hyper.plain(len(theta)), shape,
+                                                    activation, EXACT)
     numpy_stack = stack.Stack.for_scoring(theta, shape, activation)
     for x, y in make_data(problem).splits().values():
         # The kernel itself, even where NumbaStack scores with NumPy because that is faster there

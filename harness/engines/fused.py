@@ -13,8 +13,8 @@ Two paths compute this. ``stack.Stack`` is NumPy: a handful of batched ufunc and
 per step for the whole stack, cheap to start but with a fixed cost per call that dominates at
 small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kernel_stack.NumbaStack``
 runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
-default network (tests/test_kernels.py says where), for the default study's setting only (one
-hidden layer, plain SGD at a constant rate, no L2: ``numba_supports``); it costs a start-up per
+default network (tests/test_kernels.py says where), for one hidden layer and SGD with all its
+options (``numba_supports``); it costs a start-up per
 process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
 compile them, ~4 s). ``kernel_choice.choose_kernel`` takes the numba path only
 when a group's estimated saving exceeds that start-up, so small groups (under ~1 s of NumPy
@@ -196,11 +196,9 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
 
 
 def numba_supports(hyper: Hyper, shape: Shape) -> bool:
-    """The numba kernels train one hidden layer with plain SGD at a constant rate, no L2: the
-    default study's setting. Other groups (depth, Adam, RMSprop, Nesterov, schedules, L2) take
-    the NumPy path."""
-    return (len(shape) == 3 and hyper.optimizer == "sgd" and not hyper.nesterov and not hyper.any_l2
-            and hyper.rates.shape[1] == 1)
+    """The numba kernels train one hidden layer with SGD (momentum, Nesterov, any schedule and
+    batch-size scaling, L2). Deeper networks, Adam and RMSprop take the NumPy path."""
+    return len(shape) == 3 and hyper.optimizer == "sgd"
 
 
 def _group_size(specs: Sequence[TrialSpec], shape: Shape) -> GroupSize:
@@ -217,8 +215,8 @@ def _make_stack(kernel: str, theta: np.ndarray, hyper: Hyper, shape: Shape, acti
     from harness.engines import kernel_stack  # imports numba: only groups on the numba path pay for it
 
     kernel_stack.load()  # compile, or load from the cache, before the training clock starts
-    return kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), hyper.rates, hyper.momentum, shape,
-                                             activation, exact=kernel_stack.blas_is_emulated())
+    return kernel_stack.NumbaStack.from_flat(theta, np.zeros_like(theta), hyper, shape, activation,
+                                             exact=kernel_stack.blas_is_emulated())
 
 
 def run_group(specs: Sequence[TrialSpec]) -> list[TrialResult]:

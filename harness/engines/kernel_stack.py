@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from harness.engines.optimizers import Hyper
 from harness.engines.stack import Stack, with_ones
 from harness.engines.kernel_math import ACTIVATION_CODES, RELU, f32
 from harness.engines.kernels import evaluate, train_steps
@@ -32,8 +33,9 @@ def load() -> None:
     """Compile both kernels, or load them from the cache, for the argument types train_fused
     passes, so that the first training step does not pay for it."""
     w = (np.zeros((1, 2, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32))
-    x1, y, lr = np.ones((1, 2), f32), np.ones((1, 1), f32), np.zeros(1, f32)
-    train_steps(*w, *w, lr, lr, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32), RELU, True)
+    x1, y, lr, zero = np.ones((1, 2), f32), np.ones((1, 1), f32), np.zeros((1, 1), f32), np.zeros(1, f32)
+    train_steps(*w, *w, lr, zero, zero, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
+                RELU, True)
     evaluate(*w, np.ascontiguousarray(x1.T), y, np.zeros(1, np.int64), RELU)
 
 
@@ -41,10 +43,11 @@ class NumbaStack:
     """The active members' weights and momenta in the kernels' layout; the same interface as
     stack.Stack (begin_epoch/run, evaluate, weights, select)."""
 
-    def __init__(self, tensors: tuple[np.ndarray, ...], lr: np.ndarray, momentum: np.ndarray,
-                 activation: str, exact: bool):
+    def __init__(self, tensors: tuple[np.ndarray, ...], hyper: Hyper, activation: str, exact: bool, updates: int = 0):
         self.tensors = tensors  # W1b, W2T, b2, and their momenta
-        self.lr, self.momentum = lr, momentum
+        self.hyper, self.updates = hyper, updates  # updates taken: the schedule's clock
+        self._momentum = np.ascontiguousarray(hyper.momentum[:, 0])
+        self._l2 = np.ascontiguousarray(hyper.l2[:, 0])
         self.activation, self.exact = activation, exact
         self._act = ACTIVATION_CODES[activation]
         w1b, w2t = tensors[:2]
@@ -54,11 +57,11 @@ class NumbaStack:
         self._epoch: tuple = ()
 
     @classmethod
-    def from_flat(cls, theta: np.ndarray, velocity: np.ndarray, lr: np.ndarray, momentum: np.ndarray,
-                  shape: tuple[int, int, int], activation: str, exact: bool) -> "NumbaStack":
-        """From stack.Stack's [M, P] layout (W1, b1, W2, b2 ravelled); lr, momentum [M, 1]."""
-        return cls(split(theta, shape) + split(velocity, shape), np.ascontiguousarray(lr[:, 0]),
-                   np.ascontiguousarray(momentum[:, 0]), activation, exact)
+    def from_flat(cls, theta: np.ndarray, velocity: np.ndarray, hyper: Hyper, shape: tuple[int, int, int],
+                  activation: str, exact: bool) -> "NumbaStack":
+        """From stack.Stack's [M, P] layout (W1, b1, W2, b2 ravelled) and its hyperparameters
+        (SGD only: fused.numba_supports)."""
+        return cls(split(theta, shape) + split(velocity, shape), hyper, activation, exact)
 
     def weights(self):
         """(W1 [M,F,H], b1 [M,H], W2 [M,H,C], b2 [M,C]) as views."""
@@ -67,8 +70,8 @@ class NumbaStack:
         return w1b[:, :f], w1b[:, f], w2t.transpose(0, 2, 1), b2
 
     def select(self, keep: np.ndarray) -> "NumbaStack":
-        return NumbaStack(tuple(t[keep] for t in self.tensors), self.lr[keep], self.momentum[keep],
-                          self.activation, self.exact)
+        return NumbaStack(tuple(t[keep] for t in self.tensors), self.hyper.select(keep), self.activation, self.exact,
+                          self.updates)
 
     def begin_epoch(self, x1: np.ndarray, y: np.ndarray, rows: np.ndarray, batch: int, logits: np.ndarray) -> None:
         """x1 [N, F+1] and y [N, C] are all training rows; rows [M, N] each member's order."""
@@ -77,7 +80,13 @@ class NumbaStack:
     def run(self, s0: int, s1: int) -> None:
         """Steps s0..s1-1 of the epoch begun."""
         x1, y, rows, batch, logits = self._epoch
-        train_steps(*self.tensors, self.lr, self.momentum, x1, y, rows, batch, s0, s1, logits, self._act, self.exact)
+        rates = self.hyper.rates
+        if rates.shape[1] > 1:  # column s is step s of this epoch: update updates - s0 + s
+            first = self.updates - s0
+            rates = np.ascontiguousarray(rates[:, first:first + s1])
+        train_steps(*self.tensors, rates, self._momentum, self._l2, self.hyper.nesterov, x1, y, rows, batch, s0, s1,
+                    logits, self._act, self.exact)
+        self.updates += s1 - s0
 
     def eval_input(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
         """A split as the arguments of ``evaluate``: for the numba kernel, features transposed

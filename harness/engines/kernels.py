@@ -21,7 +21,7 @@ OpenBLAS 0.3's SkylakeX kernels do on the default network (2 features, 3 classes
   da1 = p @ W2^T          sequential FMA over classes; at batch 1 with C = 3, sgemv_t's tail
                           blocks for units from H&~7 up;
   dW1b, dW2, db2          sequential over the batch rows (FMA, plain adds for db2);
-  softmax, SGD            as fused._Stack.step, with NumPy's float32 exp ported (kernel_math).
+  softmax, SGD            as stack.Stack.step, with NumPy's float32 exp ported (kernel_math).
 ``exact=False`` is one fixed order, whatever the BLAS: the batch > 1 rules for every row and
 batch size, sequential FMA for da1. Where the exact order is not the BLAS's own (another CPU or
 BLAS, or other shapes: see tests/test_kernels.py for which are bit-identical here) both orders
@@ -57,10 +57,14 @@ def _lanes_sum(lanes, pairwise):
 
 
 @numba.njit(**JIT)
-def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, x1, y, rows, batch, s0, s1, logits, act, exact):
+def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, l2, nesterov, x1, y, rows, batch, s0, s1, logits, act,
+                exact):
     """Steps s0..s1-1 of one epoch for every model m: batch s is rows[m, s*batch:(s+1)*batch] of
     x1 [N, F+1] (ones column last) and y [N, C] one-hot; updates the weights and momenta in
-    place and writes each row's pre-update logits to logits [M, N, C]. lr, mom [M] float32.
+    place and writes each row's pre-update logits to logits [M, N, C]. lr [M, R] float32: the
+    rate of step s is lr[m, s] (the epoch's schedule), or lr[m, 0] when R is 1; mom, l2 [M]
+    float32 (the L2 penalty's gradient l2 * (2 W) joins the kernels', as in stack.Stack);
+    nesterov: SGD's Nesterov form.
     One function with its phases inline, not one per phase: numba reference-counts every array
     handed to a call, and those atomics cost ~0.1 µs per model-update, half the budget."""
     M, N = rows.shape
@@ -70,7 +74,10 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, x1, y, rows, batch, s0, s
     p, e, lanes = np.empty((batch, C), f32), np.empty(C, f32), np.empty(16, f32)
     gW1, gW2, gb2 = np.empty((F1, H), f32), np.empty((C, H), f32), np.empty(C, f32)
     t2, t4, t8 = H & ~1, H & ~3, H & ~7
-    gemv = exact and C == 3  # sgemv's small-matrix paths, emulated for 3 classes only
+    gemv = exact and C == 3
+    penalised = False  # as stack.Stack: every member's kernels take the penalty term once any has one
+    for m in range(M):
+        penalised = penalised or l2[m] != ZERO  # sgemv's small-matrix paths, emulated for 3 classes only
     for s in range(s0, s1):
         i0 = s * batch
         b = min(batch, N - i0)
@@ -176,21 +183,29 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, x1, y, rows, batch, s0, s
                     xf = xb[r, f]
                     for h in range(H):
                         gW1[f, h] = fmaf(xf, dz[r, h], gW1[f, h])
-            # Keras SGD: v = v*momentum - g*lr; w = w + v (four roundings, no FMA)
-            mu, eta = mom[m], lr[m]
+            # Keras SGD: v = v*momentum - g*lr; w = w + v, or w + (v*momentum - g*lr) with
+            # Nesterov (each product and sum rounded, no FMA)
+            mu, eta, pen = mom[m], lr[m, s if lr.shape[1] > 1 else 0], l2[m]
+            two = f32(2.0)
             for f in range(F1):
+                kernel_row = f < F1 - 1  # the last row is b1: no penalty
                 for h in range(H):
-                    v = V1s[m, f, h] * mu - gW1[f, h] * eta
+                    g = gW1[f, h] + (W1s[m, f, h] * two) * pen if (penalised and kernel_row) else gW1[f, h]
+                    ge = g * eta
+                    v = V1s[m, f, h] * mu - ge
                     V1s[m, f, h] = v
-                    W1s[m, f, h] = W1s[m, f, h] + v
+                    W1s[m, f, h] = W1s[m, f, h] + (v * mu - ge if nesterov else v)
             for c in range(C):
                 for h in range(H):
-                    v = V2s[m, c, h] * mu - gW2[c, h] * eta
+                    g = gW2[c, h] + (W2s[m, c, h] * two) * pen if penalised else gW2[c, h]
+                    ge = g * eta
+                    v = V2s[m, c, h] * mu - ge
                     V2s[m, c, h] = v
-                    W2s[m, c, h] = W2s[m, c, h] + v
-                v = VBs[m, c] * mu - gb2[c] * eta
+                    W2s[m, c, h] = W2s[m, c, h] + (v * mu - ge if nesterov else v)
+                ge = gb2[c] * eta
+                v = VBs[m, c] * mu - ge
                 VBs[m, c] = v
-                B2s[m, c] = B2s[m, c] + v
+                B2s[m, c] = B2s[m, c] + (v * mu - ge if nesterov else v)
 
 
 @numba.njit(**JIT)
