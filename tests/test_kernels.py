@@ -34,6 +34,7 @@ numba = pytest.importorskip("numba")
 import test_clock  # noqa: E402 - the suites re-run below on the numba path
 import test_datasets  # noqa: E402
 import test_fused  # noqa: E402
+from harness import config  # noqa: E402
 from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
 from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels, stack  # noqa: E402
 from harness.engines.fused import train_fused  # noqa: E402
@@ -67,6 +68,19 @@ def with_options(specs: list[TrialSpec], nesterov: bool = False) -> list[TrialSp
         train = dict(option.get("train", {}), **({"nesterov": True} if nesterov else {}))
         out.append(dataclasses.replace(spec, train=dataclasses.replace(spec.train, **train),
                                        model=dataclasses.replace(spec.model, **option.get("model", {}))))
+    return out
+
+
+def with_optimizer(specs: list[TrialSpec], optimizer: str) -> list[TrialSpec]:
+    """``specs`` trained by ``optimizer`` at a tenth of their rates, every other member with its
+    own hyperparameters, and cosine decay after a warm-up in every third."""
+    own = {"adam": dict(beta_1=0.8, beta_2=0.99, epsilon=1e-5), "rmsprop": dict(rho=0.8, epsilon=1e-6)}[optimizer]
+    out = []
+    for i, spec in enumerate(specs):
+        train = dict(optimizer=optimizer, momentum=0.9, **(own if i % 2 else {}),
+                     **(dict(schedule="cosine", warmup_updates=20) if i % 3 == 0 else {}))
+        out.append(dataclasses.replace(spec, learning_rate=spec.learning_rate / 10,
+                                       train=config.normalised(dataclasses.replace(spec.train, **train))))
     return out
 
 
@@ -111,6 +125,9 @@ CASES = {
     "bs1-schedules-nesterov-l2": (with_options(group(1, 2)), True, 2e-4),
     "bs7-schedules-nesterov-l2": (with_options(group(7, 3)), True, 2e-5),
     "bs7-nesterov": (with_options(group(7, 3), nesterov=True), True, 2e-5),
+    # Adam and RMSprop, their members differing in rate, schedule and hyperparameters
+    **{f"bs{b}-{opt}": (with_optimizer(group(b, e), opt), True, tol)
+       for b, e, tol in ((1, 2, 2e-4), (7, 3, 2e-5)) for opt in ("adam", "rmsprop")},
 }
 
 

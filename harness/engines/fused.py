@@ -13,8 +13,8 @@ Two paths compute this. ``stack.Stack`` is NumPy: a handful of batched ufunc and
 per step for the whole stack, cheap to start but with a fixed cost per call that dominates at
 small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kernel_stack.NumbaStack``
 runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
-default network (tests/test_kernels.py says where), for one hidden layer and SGD with all its
-options (``numba_supports``); it costs a start-up per
+default network (tests/test_kernels.py says where), for networks of one hidden layer with any
+optimizer option (``numba_supports``); it costs a start-up per
 process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
 compile them, ~4 s). ``kernel_choice.choose_kernel`` takes the numba path only
 when a group's estimated saving exceeds that start-up, so small groups (under ~1 s of NumPy
@@ -196,9 +196,9 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
 
 
 def numba_supports(hyper: Hyper, shape: Shape) -> bool:
-    """The numba kernels train one hidden layer with SGD (momentum, Nesterov, any schedule and
-    batch-size scaling, L2). Deeper networks, Adam and RMSprop take the NumPy path."""
-    return len(shape) == 3 and hyper.optimizer == "sgd"
+    """The numba kernels train networks of one hidden layer, with every optimizer option; deeper
+    networks take the NumPy path."""
+    return len(shape) == 3
 
 
 def _group_size(specs: Sequence[TrialSpec], shape: Shape) -> GroupSize:

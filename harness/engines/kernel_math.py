@@ -32,6 +32,8 @@ f32 = np.float32
 ZERO, ONE = f32(0.0), f32(1.0)
 RELU, TANH, SIGMOID = 0, 1, 2
 ACTIVATION_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID}
+SGD, ADAM, RMSPROP = 0, 1, 2
+OPTIMIZER_CODES = {"sgd": SGD, "adam": ADAM, "rmsprop": RMSPROP}
 
 
 @intrinsic

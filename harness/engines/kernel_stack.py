@@ -15,7 +15,7 @@ import numpy as np
 
 from harness.engines.optimizers import Hyper
 from harness.engines.stack import Stack, with_ones
-from harness.engines.kernel_math import ACTIVATION_CODES, RELU, f32
+from harness.engines.kernel_math import ACTIVATION_CODES, OPTIMIZER_CODES, RELU, f32
 from harness.engines.kernels import evaluate, train_steps
 
 
@@ -33,8 +33,8 @@ def load() -> None:
     """Compile both kernels, or load them from the cache, for the argument types train_fused
     passes, so that the first training step does not pay for it."""
     w = (np.zeros((1, 2, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32))
-    x1, y, lr, zero = np.ones((1, 2), f32), np.ones((1, 1), f32), np.zeros((1, 1), f32), np.zeros(1, f32)
-    train_steps(*w, *w, lr, zero, zero, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
+    x1, y, lr, hp = np.ones((1, 2), f32), np.ones((1, 1), f32), np.zeros((1, 1), f32), np.zeros((1, 6), f32)
+    train_steps(*w, *w, *w, lr, hp, 0, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
                 RELU, True)
     evaluate(*w, np.ascontiguousarray(x1.T), y, np.zeros(1, np.int64), RELU)
 
@@ -44,10 +44,10 @@ class NumbaStack:
     stack.Stack (begin_epoch/run, evaluate, weights, select)."""
 
     def __init__(self, tensors: tuple[np.ndarray, ...], hyper: Hyper, activation: str, exact: bool, updates: int = 0):
-        self.tensors = tensors  # W1b, W2T, b2, and their momenta
+        self.tensors = tensors  # W1b, W2T, b2, then the optimizer's first and second states of each
         self.hyper, self.updates = hyper, updates  # updates taken: the schedule's clock
-        self._momentum = np.ascontiguousarray(hyper.momentum[:, 0])
-        self._l2 = np.ascontiguousarray(hyper.l2[:, 0])
+        self._packed, self._opt = hyper.packed(), OPTIMIZER_CODES[hyper.optimizer]
+        self._rates: tuple = ()  # the epoch's Hyper.step_rates and the update it began at
         self.activation, self.exact = activation, exact
         self._act = ACTIVATION_CODES[activation]
         w1b, w2t = tensors[:2]
@@ -59,9 +59,9 @@ class NumbaStack:
     @classmethod
     def from_flat(cls, theta: np.ndarray, velocity: np.ndarray, hyper: Hyper, shape: tuple[int, int, int],
                   activation: str, exact: bool) -> "NumbaStack":
-        """From stack.Stack's [M, P] layout (W1, b1, W2, b2 ravelled) and its hyperparameters
-        (SGD only: fused.numba_supports)."""
-        return cls(split(theta, shape) + split(velocity, shape), hyper, activation, exact)
+        """From stack.Stack's [M, P] layout (W1, b1, W2, b2 ravelled), the optimizer's states
+        starting at ``velocity`` (zeros), and the hyperparameters."""
+        return cls(split(theta, shape) + split(velocity, shape) + split(velocity.copy(), shape), hyper, activation, exact)
 
     def weights(self):
         """(W1 [M,F,H], b1 [M,H], W2 [M,H,C], b2 [M,C]) as views."""
@@ -76,15 +76,13 @@ class NumbaStack:
     def begin_epoch(self, x1: np.ndarray, y: np.ndarray, rows: np.ndarray, batch: int, logits: np.ndarray) -> None:
         """x1 [N, F+1] and y [N, C] are all training rows; rows [M, N] each member's order."""
         self._epoch = (x1, y, np.ascontiguousarray(rows, np.int64), batch, logits)
+        self._rates = (self.hyper.step_rates(self.updates, -(-rows.shape[1] // batch)), self.updates)
 
     def run(self, s0: int, s1: int) -> None:
         """Steps s0..s1-1 of the epoch begun."""
         x1, y, rows, batch, logits = self._epoch
-        rates = self.hyper.rates
-        if rates.shape[1] > 1:  # column s is step s of this epoch: update updates - s0 + s
-            first = self.updates - s0
-            rates = np.ascontiguousarray(rates[:, first:first + s1])
-        train_steps(*self.tensors, rates, self._momentum, self._l2, self.hyper.nesterov, x1, y, rows, batch, s0, s1,
+        rates, first = self._rates  # column s is step s of the epoch
+        train_steps(*self.tensors, rates, self._packed, self._opt, self.hyper.nesterov, x1, y, rows, batch, s0, s1,
                     logits, self._act, self.exact)
         self.updates += s1 - s0
 

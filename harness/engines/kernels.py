@@ -32,8 +32,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from harness.engines.kernel_math import (JIT, ONE, RELU, TANH, ZERO, f32, fmaf, np_expf, relu, relu_grad, sigmoid,
-                                         sigmoid_grad, tanh, tanh_grad)
+from harness.engines.kernel_math import (ADAM, JIT, ONE, RELU, SGD, TANH, ZERO, f32, fmaf, np_expf, relu, relu_grad,
+                                         sigmoid, sigmoid_grad, tanh, tanh_grad)
 
 
 @numba.njit(**JIT)
@@ -56,15 +56,42 @@ def _lanes_sum(lanes, pairwise):
     return lanes[0] + lanes[1]
 
 
+# One parameter's update by optimizers.apply's rule, rounding as it rounds: the new weight and
+# states from the weight, its gradient and the states the rule keeps (SGD: its velocity v;
+# Adam: m as v and its v as s; RMSprop: its v as s). Scalar functions, each called from loops of
+# its own (train_steps picks the optimizer outside the loops, so they stay vectorizable, and
+# touch only the states the rule keeps).
+
 @numba.njit(**JIT)
-def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, l2, nesterov, x1, y, rows, batch, s0, s1, logits, act,
-                exact):
+def _sgd(w, g, v, rate, mu, nesterov):
+    ge = g * rate
+    v = v * mu - ge
+    return w + (v * mu - ge if nesterov else v), v
+
+
+@numba.njit(**JIT)
+def _adam(w, g, v, s, alpha, keep_1, keep_2, eps):
+    v = v + (g - v) * keep_1
+    s = s + (g * g - s) * keep_2
+    return w - (v * alpha) / (np.sqrt(s) + eps), v, s
+
+
+@numba.njit(**JIT)
+def _rmsprop(w, g, s, rate, keep_rho, eps, rho):
+    s = s * rho + (g * g) * keep_rho
+    return w - (g * rate) / np.sqrt(s + eps), s
+
+
+@numba.njit(**JIT)
+def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nesterov, x1, y, rows, batch, s0, s1,
+                logits, act, exact):
     """Steps s0..s1-1 of one epoch for every model m: batch s is rows[m, s*batch:(s+1)*batch] of
-    x1 [N, F+1] (ones column last) and y [N, C] one-hot; updates the weights and momenta in
-    place and writes each row's pre-update logits to logits [M, N, C]. lr [M, R] float32: the
-    rate of step s is lr[m, s] (the epoch's schedule), or lr[m, 0] when R is 1; mom, l2 [M]
-    float32 (the L2 penalty's gradient l2 * (2 W) joins the kernels', as in stack.Stack);
-    nesterov: SGD's Nesterov form.
+    x1 [N, F+1] (ones column last) and y [N, C] one-hot; updates the weights and the optimizer's
+    states (V*, S*: optimizers.apply's first and second) in place and writes each row's
+    pre-update logits to logits [M, N, C]. lr [M, R] float32: step s's rate (Adam: its alpha) is
+    lr[m, s], or lr[m, 0] when R is 1. hp [M, 6] float32 per model: momentum, l2, 1 - beta_1,
+    1 - beta_2 (RMSprop: 1 - rho), epsilon, rho; the L2 penalty's gradient l2 * (2 W) joins the
+    kernels' as in stack.Stack. opt: SGD, ADAM or RMSPROP; nesterov: SGD's Nesterov form.
     One function with its phases inline, not one per phase: numba reference-counts every array
     handed to a call, and those atomics cost ~0.1 µs per model-update, half the budget."""
     M, N = rows.shape
@@ -75,9 +102,10 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, l2, nesterov, x1, y, rows
     gW1, gW2, gb2 = np.empty((F1, H), f32), np.empty((C, H), f32), np.empty(C, f32)
     t2, t4, t8 = H & ~1, H & ~3, H & ~7
     gemv = exact and C == 3
+    two = f32(2.0)
     penalised = False  # as stack.Stack: every member's kernels take the penalty term once any has one
     for m in range(M):
-        penalised = penalised or l2[m] != ZERO  # sgemv's small-matrix paths, emulated for 3 classes only
+        penalised = penalised or hp[m, 1] != ZERO  # sgemv's small-matrix paths, emulated for 3 classes only
     for s in range(s0, s1):
         i0 = s * batch
         b = min(batch, N - i0)
@@ -183,29 +211,44 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, lr, mom, l2, nesterov, x1, y, rows
                     xf = xb[r, f]
                     for h in range(H):
                         gW1[f, h] = fmaf(xf, dz[r, h], gW1[f, h])
-            # Keras SGD: v = v*momentum - g*lr; w = w + v, or w + (v*momentum - g*lr) with
-            # Nesterov (each product and sum rounded, no FMA)
-            mu, eta, pen = mom[m], lr[m, s if lr.shape[1] > 1 else 0], l2[m]
-            two = f32(2.0)
-            for f in range(F1):
-                kernel_row = f < F1 - 1  # the last row is b1: no penalty
-                for h in range(H):
-                    g = gW1[f, h] + (W1s[m, f, h] * two) * pen if (penalised and kernel_row) else gW1[f, h]
-                    ge = g * eta
-                    v = V1s[m, f, h] * mu - ge
-                    V1s[m, f, h] = v
-                    W1s[m, f, h] = W1s[m, f, h] + (v * mu - ge if nesterov else v)
-            for c in range(C):
-                for h in range(H):
-                    g = gW2[c, h] + (W2s[m, c, h] * two) * pen if penalised else gW2[c, h]
-                    ge = g * eta
-                    v = V2s[m, c, h] * mu - ge
-                    V2s[m, c, h] = v
-                    W2s[m, c, h] = W2s[m, c, h] + (v * mu - ge if nesterov else v)
-                ge = gb2[c] * eta
-                v = VBs[m, c] * mu - ge
-                VBs[m, c] = v
-                B2s[m, c] = B2s[m, c] + (v * mu - ge if nesterov else v)
+            # The penalty's gradient joins the kernels' (not b1's, the last row of W1b)
+            pen = hp[m, 1]
+            if penalised:
+                for f in range(F1 - 1):
+                    for h in range(H):
+                        gW1[f, h] = gW1[f, h] + (W1s[m, f, h] * two) * pen
+                for c in range(C):
+                    for h in range(H):
+                        gW2[c, h] = gW2[c, h] + (W2s[m, c, h] * two) * pen
+            # The optimizer's rule (optimizers.apply), chosen outside the loops
+            rate = lr[m, s if lr.shape[1] > 1 else 0]
+            mu, ka, kb, eps, rho = hp[m, 0], hp[m, 2], hp[m, 3], hp[m, 4], hp[m, 5]
+            if opt == SGD:
+                for f in range(F1):
+                    for h in range(H):
+                        W1s[m, f, h], V1s[m, f, h] = _sgd(W1s[m, f, h], gW1[f, h], V1s[m, f, h], rate, mu, nesterov)
+                for c in range(C):
+                    for h in range(H):
+                        W2s[m, c, h], V2s[m, c, h] = _sgd(W2s[m, c, h], gW2[c, h], V2s[m, c, h], rate, mu, nesterov)
+                    B2s[m, c], VBs[m, c] = _sgd(B2s[m, c], gb2[c], VBs[m, c], rate, mu, nesterov)
+            elif opt == ADAM:
+                for f in range(F1):
+                    for h in range(H):
+                        W1s[m, f, h], V1s[m, f, h], S1s[m, f, h] = _adam(
+                            W1s[m, f, h], gW1[f, h], V1s[m, f, h], S1s[m, f, h], rate, ka, kb, eps)
+                for c in range(C):
+                    for h in range(H):
+                        W2s[m, c, h], V2s[m, c, h], S2s[m, c, h] = _adam(
+                            W2s[m, c, h], gW2[c, h], V2s[m, c, h], S2s[m, c, h], rate, ka, kb, eps)
+                    B2s[m, c], VBs[m, c], SBs[m, c] = _adam(B2s[m, c], gb2[c], VBs[m, c], SBs[m, c], rate, ka, kb, eps)
+            else:
+                for f in range(F1):
+                    for h in range(H):
+                        W1s[m, f, h], S1s[m, f, h] = _rmsprop(W1s[m, f, h], gW1[f, h], S1s[m, f, h], rate, kb, eps, rho)
+                for c in range(C):
+                    for h in range(H):
+                        W2s[m, c, h], S2s[m, c, h] = _rmsprop(W2s[m, c, h], gW2[c, h], S2s[m, c, h], rate, kb, eps, rho)
+                    B2s[m, c], SBs[m, c] = _rmsprop(B2s[m, c], gb2[c], SBs[m, c], rate, kb, eps, rho)
 
 
 @numba.njit(**JIT)

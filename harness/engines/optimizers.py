@@ -80,15 +80,34 @@ class Hyper:
         """[M, 1] rates of update t (0-based)."""
         return self.rates if self.rates.shape[1] == 1 else self.rates[:, t:t + 1]
 
+    def step_rates(self, t0: int, n: int) -> np.ndarray:
+        """[M, n] what updates t0..t0+n-1 multiply the step by: the rate, and for Adam its alpha
+        = rate * sqrt(1 - beta_2^k) / (1 - beta_1^k), k = t + 1 (Keras' local step). Computed
+        once per epoch by both paths with the same call, so the numba kernels read the very
+        floats the NumPy path uses (a float32 power may round differently in another call shape)."""
+        rates = self.rates if self.rates.shape[1] == 1 else self.rates[:, t0:t0 + n]
+        rates = np.broadcast_to(rates, (len(rates), n))
+        if self.optimizer != "adam":
+            return np.ascontiguousarray(rates)
+        k = np.arange(t0 + 1, t0 + n + 1, dtype=f32)[None, :]
+        return rates * np.sqrt(f32(1) - np.power(self.beta_2, k)) / (f32(1) - np.power(self.beta_1, k))
+
+    def packed(self) -> np.ndarray:
+        """[M, 6] float32 per model for the numba kernels: momentum, l2, 1 - beta_1, 1 - beta_2
+        (RMSprop: 1 - rho), epsilon, rho."""
+        keep_b = self.keep_rho if self.optimizer == "rmsprop" else self.keep_2
+        return np.ascontiguousarray(np.concatenate(
+            [self.momentum, self.l2, self.keep_1, keep_b, self.epsilon, self.rho], axis=1), dtype=f32)
+
 
 def new_state(optimizer: str, theta: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.zeros_like(theta) for _ in range(STATES[optimizer]))
 
 
-def apply(hyper: Hyper, t: int, theta: np.ndarray, grad: np.ndarray, state: tuple[np.ndarray, ...],
+def apply(hyper: Hyper, lr: np.ndarray, theta: np.ndarray, grad: np.ndarray, state: tuple[np.ndarray, ...],
           scratch: tuple[np.ndarray, np.ndarray]) -> None:
-    """Update ``theta`` in place from ``grad`` (overwritten) for update t (0-based)."""
-    lr = hyper.rate(t)
+    """Update ``theta`` in place from ``grad`` (overwritten); ``lr`` [M, 1] is the update's column
+    of ``hyper.step_rates`` (for Adam, its alpha)."""
     if hyper.optimizer == "sgd":
         (velocity,) = state
         velocity *= hyper.momentum
@@ -102,8 +121,7 @@ def apply(hyper: Hyper, t: int, theta: np.ndarray, grad: np.ndarray, state: tupl
             theta += velocity
     elif hyper.optimizer == "adam":
         m, v = state
-        step = f32(t + 1)
-        alpha = lr * np.sqrt(f32(1) - np.power(hyper.beta_2, step)) / (f32(1) - np.power(hyper.beta_1, step))
+        alpha = lr
         delta, root = scratch
         np.subtract(grad, m, out=delta)
         delta *= hyper.keep_1

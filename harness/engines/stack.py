@@ -133,6 +133,7 @@ class Stack:
         self.theta, self.state, self.hyper, self.updates = theta, state, hyper, updates
         self.shape, self.activation = tuple(shape), activation
         self._epoch: tuple = ()  # the epoch begun (begin_epoch)
+        self._rates: tuple = ()  # its steps' rates (Hyper.step_rates) and the update it began at
         self.grad = np.empty_like(theta)
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
         self.w1b, self.kernels, self.biases = self._views(theta)
@@ -213,7 +214,9 @@ class Stack:
             self._add_l2()
         if self._scratch is None and (self.hyper.optimizer != "sgd" or self.hyper.nesterov):
             self._scratch = (np.empty_like(self.theta), np.empty_like(self.theta))
-        optimizers.apply(self.hyper, self.updates, self.theta, self.grad, self.state, self._scratch)
+        rates, first = self._rates
+        column = self.updates - first
+        optimizers.apply(self.hyper, rates[:, column:column + 1], self.theta, self.grad, self.state, self._scratch)
         self.updates += 1
 
     def _add_l2(self) -> None:
@@ -227,6 +230,7 @@ class Stack:
         """Gather the epoch's batches: x1 [N,F+1] (``with_ones``) and y [N,C] are all training
         rows, rows [M,N] each member's order; ``run`` writes the pre-update logits to logits [M,N,C]."""
         self._epoch = (np.take(x1, rows, axis=0), np.take(y, rows, axis=0), batch, logits)
+        self._rates = (self.hyper.step_rates(self.updates, -(-rows.shape[1] // batch)), self.updates)
 
     def run(self, s0: int, s1: int) -> None:
         """Steps s0..s1-1 of the epoch begun."""
