@@ -30,6 +30,10 @@ REGIONS = (PERFECT, DIMINISHING, PLATEAU)
 # A region boundary sits where the fitted curve is within 4/3 of an asymptote: at B = B_crit/3
 # the steps are 4/3 of perfect scaling's S_min·B_crit/B, at B = 3·B_crit 4/3 of the plateau S_min.
 REGION_RATIO = 3.0
+# The seed bootstrap holds this many resampled values at a time: each costs an int64 index, its
+# float64 value and median's working copy, about 50 MB a chunk. All at once, 1,000 replicates of a
+# 100,000-trial grid took 2.4 GB.
+CHUNK_VALUES = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,20 @@ def fit_frontier(batch_sizes, steps) -> Frontier:
     return _fit(batch, steps)
 
 
-def _resampled_best(cells: pd.DataFrame, n_boot: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _replicate_chunks(n_boot: int, values_per_replicate: int, max_values: int = CHUNK_VALUES) -> list[slice]:
+    """Consecutive slices of the ``n_boot`` replicates, each holding at most ``max_values``
+    resampled values (but always at least one replicate)."""
+    step = max(1, max_values // max(1, values_per_replicate))
+    return [slice(start, min(start + step, n_boot)) for start in range(0, n_boot, step)]
+
+
+def _resampled_best(cells: pd.DataFrame, n_boot: int, rng,
+                    max_values: int = CHUNK_VALUES) -> tuple[np.ndarray, np.ndarray]:
     """(batch sizes, best steps per replicate and batch size): seeds are resampled with
     replacement within each tuned cell, the median taken with numpy, then the min over a batch
-    size's cells (the best setting's steps; which setting it is does not matter to the fit)."""
+    size's cells (the best setting's steps; which setting it is does not matter to the fit).
+    Replicates are drawn ``max_values`` resampled values at a time, so memory follows the chunk,
+    not replicates × trials; the result does not depend on ``max_values``."""
     groups = [(key[0], g.to_numpy(dtype=float)) for key, g in
               cells.dropna(subset=["steps"]).groupby(TUNED, sort=True, dropna=False)["steps"]]
     batch = np.array([b for b, _ in groups], dtype=float)
@@ -178,8 +192,12 @@ def _resampled_best(cells: pd.DataFrame, n_boot: int, rng) -> tuple[np.ndarray, 
     for n in np.unique(sizes):  # cells with equal seed counts are resampled as one array
         which = np.flatnonzero(sizes == n)
         values = np.stack([groups[i][1] for i in which])
-        pick = rng.integers(0, n, size=(n_boot, len(which), n))
-        medians[:, which] = np.median(values[np.arange(len(which))[None, :, None], pick], axis=2)
+        rows = np.arange(len(which))[None, :, None]
+        for part in _replicate_chunks(n_boot, len(which) * n, max_values):
+            # Successive draws continue one random stream, so chunk after chunk gives exactly the
+            # numbers one (n_boot, cells, n) draw would (a test pins this).
+            pick = rng.integers(0, n, size=(part.stop - part.start, len(which), n))
+            medians[part, which] = np.median(values[rows, pick], axis=2)
     unique, first = np.unique(batch, return_index=True)  # groupby sorted: each B is one run
     return unique, np.minimum.reduceat(medians, first, axis=1)
 

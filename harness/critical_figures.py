@@ -14,12 +14,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from harness import analysis, critical
 from harness.figures import DIVERGED_COLOR, add_title, bs_axis, bs_palette, new_figure, plot_style
 from harness.scaling import Selection, TargetFit
-from harness.scaling_figures import log_axis
+from harness.scaling_figures import MAX_TRIED_LINES, log_axis, rates_tried_axis, rates_tried_note
 
 ROWS = {"val_accuracy": "accuracy on the validation rows", "test_accuracy": "accuracy on the test rows",
         "train_loss": "cross-entropy on all training rows"}
@@ -58,11 +58,12 @@ def _edge_labels(ax, axis: str, positions, labels, title: str = "") -> None:
     (sec.set_xlabel if axis == "x" else sec.set_ylabel)(title, fontsize="x-small")
 
 
-def _edge_markers(ax, xs, y: float, color, marker: str = "^", gid: str = "not reached", label=None) -> None:
+def _edge_markers(ax, xs, y: float, color, marker: str = "^", gid: str = "not reached", label=None,
+                  rasterized: bool = False) -> None:
     """Markers at height ``y`` (axes fraction) for x values that have nothing to plot on y."""
     if len(xs):
         ax.scatter(list(xs), [y] * len(xs), marker=marker, s=55, color=color, clip_on=False, zorder=6,
-                   transform=ax.get_xaxis_transform(), gid=gid, label=label)
+                   transform=ax.get_xaxis_transform(), gid=gid, label=label, rasterized=rasterized)
 
 
 def _bcrit(interval: critical.FrontierInterval) -> str:
@@ -301,16 +302,18 @@ def plot_critical_vs_noise(fits: Sequence[TargetFit], curve: pd.DataFrame, selec
 def plot_learning_rate_scaling(best_lr: pd.DataFrame, stable: pd.DataFrame, rates, selection: Selection,
                                note: str = "") -> Figure:
     """Best learning rate and largest stable learning rate against batch size (log-log) over the
-    rates tried (grey), with linear (Goyal et al. 2017) and square-root (Krizhevsky 2014; Hoffer
-    et al. 2017) scaling from the smallest batch size's best rate; red x: a winner on the edge."""
+    rates tried (grey lines, or past 16 rates grey marks on the right edge with log ticks:
+    ``scaling_figures.rates_tried_axis``), with linear (Goyal et al. 2017) and square-root
+    (Krizhevsky 2014; Hoffer et al. 2017) scaling from the smallest batch size's best rate; red x:
+    a winner on the edge."""
     rates = sorted({float(r) for r in rates})
     sizes = sorted({int(b) for b in (*best_lr["batch_size"], *stable["batch_size"])})
     found = best_lr.dropna(subset=["learning_rate"]).sort_values("batch_size")
     with plot_style():
         fig = new_figure(9.0, 6.4)
         ax = fig.subplots()
-        for lr in rates:
-            ax.axhline(lr, color="#cccccc", linewidth=0.8, zorder=1)
+        # At most 8 labelled rates on a sparse axis; a dense one gets log ticks (rates_tried_axis).
+        dense = rates_tried_axis(ax, rates, labelled=rates[::max(1, math.ceil(len(rates) / 8))])
         ax.plot(found["batch_size"], found["learning_rate"], marker="o", markersize=10, fillstyle="none",
                 linewidth=1.5, color="C0", zorder=4, label="best lr (highest final accuracy)")
         if len(found):
@@ -336,18 +339,14 @@ def plot_learning_rate_scaling(best_lr: pd.DataFrame, stable: pd.DataFrame, rate
                         linestyle="none", color=c, zorder=5, label=f"stable at every rate tried{tag}: limit above")
             _edge_markers(ax, g.loc[g["largest_stable_lr"].isna(), "batch_size"], 0.03, c, "v",
                           label=f"bottom edge: no stable lr{tag}")
-        ax.set_yscale("log")
-        shown = rates[::max(1, math.ceil(len(rates) / 8))]  # at most 8 labelled rates
-        ax.yaxis.set_major_locator(FixedLocator(shown))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _num(v)))
-        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(rates[0] / 1.7, rates[-1] * 2.1)
-        ax.grid(False, axis="y")
         bs_axis(ax, sizes)
-        ax.set_ylabel("learning rate (log; grey: rates tried)")
+        ax.set_ylabel("learning rate (log)" if dense else "learning rate (log; grey: rates tried)")
         lines = [f"best lr per batch size: highest final accuracy on the {selection.split} split "
                  "(resolution: the rates tried); largest stable lr: the largest rate at which no seed diverged "
-                 "and at least one finished ok; references anchored at the smallest batch size's best lr"]
+                 "and at least one finished ok; references anchored at the smallest batch size's best lr; "
+                 + rates_tried_note(len(rates))]
         _finish(fig, "Learning rate vs batch size: best and largest stable", note, lines, selection, ncols=2)
     return fig
 
@@ -356,7 +355,7 @@ def plot_noise_scale_collapse(trials: pd.DataFrame, selection: Selection, note: 
     """Final test accuracy of every ok trial against the SGD noise scale g = lr·N/(B(1 − m))
     (Smith & Le 2018), colour per batch size, with the median over seeds per setting connected
     per batch size: if g is what matters the curves fall onto one. Diverged trials: grey × at
-    the bottom."""
+    the bottom. The per-trial markers are rasterized (an image inside an SVG or PDF)."""
     done = trials[trials["status"].isin(["ok", "diverged"])]
     done = done.assign(g=critical.sgd_noise_scale(done["learning_rate"], done["n_train"], done["batch_size"],
                                                   done["momentum"]))
@@ -365,15 +364,19 @@ def plot_noise_scale_collapse(trials: pd.DataFrame, selection: Selection, note: 
     with plot_style():
         fig = new_figure(9.0, 6.2)
         ax = fig.subplots()
+        # A marker per trial: as vector art 100,000 trials made a 15.7 MB SVG, so the per-trial
+        # artists are one image each in SVG and PDF (axes, text and the median lines stay vector).
         ax.scatter(ok["g"], ok["test_accuracy"], c=[palette[int(b)] for b in ok["batch_size"]], s=16, alpha=0.45,
-                   linewidth=0, zorder=3, label="one ok trial (colour: batch size)")
+                   linewidth=0, zorder=3, label="one ok trial (colour: batch size)", rasterized=True, gid="trials")
         med = ok.groupby(critical.TUNED).agg(g=("g", "median"), acc=("test_accuracy", "median")).reset_index()
         styles = dict(zip(sorted(med["momentum"].unique()), ["-", "--", "-.", ":"] * 4))
+        # Past MAX_TRIED_LINES rates a marker per median overprints into a band: the line alone.
+        marker = "o" if ok["learning_rate"].nunique() <= MAX_TRIED_LINES else ""
         for (b, m), g in med.sort_values("g").groupby(["batch_size", "momentum"]):
-            ax.plot(g["g"], g["acc"], color=palette[int(b)], marker="o", markersize=4, linestyle=styles[m], zorder=4,
+            ax.plot(g["g"], g["acc"], color=palette[int(b)], marker=marker, markersize=4, linestyle=styles[m], zorder=4,
                     label=f"B = {b:g}" + (f", momentum {m:g}" if len(styles) > 1 else ""))
         _edge_markers(ax, done.loc[done["status"] == "diverged", "g"], 0.03, DIVERGED_COLOR, "x", gid="diverged",
-                      label="diverged trial (× at the bottom)")
+                      label="diverged trial (× at the bottom)", rasterized=True)
         if len(done):
             ax.set_xlim(done["g"].min() / 1.5, done["g"].max() * 1.5)
         ax.margins(y=0.1)
@@ -382,8 +385,9 @@ def plot_noise_scale_collapse(trials: pd.DataFrame, selection: Selection, note: 
         ax.set_ylabel("final test accuracy")
         lines = ["g = learning rate × N / (B (1 − momentum)), N = training rows, B = batch size (Smith & Le 2018); "
                  "each point is one ok trial's final test accuracy (accuracy on the test rows after the last "
-                 "update); lines: median over seeds per (batch size, learning rate); the seeds of a diverged "
-                 "setting share one ×"]
+                 "update); lines: median over seeds per (batch size, learning rate)"
+                 + (f", without markers past {MAX_TRIED_LINES} rates" if not marker else "")
+                 + "; the seeds of a diverged setting share one ×"]
         _finish(fig, "Final test accuracy vs SGD noise scale: do the batch sizes collapse onto one curve?", note,
                 lines, selection, ncols=3)
     return fig

@@ -45,6 +45,39 @@ def log_axis(ax, axis: str = "y", base: float = 2) -> None:
     target.set_minor_locator(NullLocator())
 
 
+def rates_tried_axis(ax, rates, labelled=None) -> bool:
+    """A log learning-rate y axis that shows every rate tried: up to MAX_TRIED_LINES rates, a grey
+    line each and a tick at each of ``labelled`` (default: all); past that, a grey mark per rate
+    on the right edge and log ticks (decades; 1-2-5 when the rates span less than 300x), since
+    a line and a label per rate would grey the panel and overprint. True when dense."""
+    rates = sorted(float(r) for r in rates)
+    dense = len(rates) > MAX_TRIED_LINES
+    if dense:
+        ax.scatter([1.0] * len(rates), rates, marker="_", s=60, color="#999999", clip_on=False,
+                   transform=ax.get_yaxis_transform(), zorder=1, gid="rates tried")
+    else:
+        for lr in rates:
+            ax.axhline(lr, color="#cccccc", linewidth=0.8, zorder=1)
+    ax.set_yscale("log")
+    span = rates[-1] / rates[0]
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 300 else (1.0, 2.0, 5.0)) if dense
+                               else FixedLocator(rates if labelled is None else labelled))
+    ax.yaxis.set_minor_locator(NullLocator())
+    if dense:  # a faint grid at the log ticks instead of the lines
+        ax.grid(True, axis="y", color="#eeeeee")
+    else:
+        ax.grid(False, axis="y")
+    return dense
+
+
+def rates_tried_note(count: int) -> str:
+    """The caption's words for what ``rates_tried_axis`` drew."""
+    if count > MAX_TRIED_LINES:
+        return (f"the {count} rates tried are grey marks on the right edge, with log ticks (past {MAX_TRIED_LINES} "
+                "rates a line and a tick per rate would fill the panel)")
+    return f"grey lines: the {count} rates tried"
+
+
 def _not_reached(ax, sizes, label: str = "never reaches target", color: str = "black") -> None:
     """Triangles on the top edge for batch sizes that have no value to plot."""
     if len(sizes):
@@ -195,9 +228,9 @@ def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: 
                             probes: pd.DataFrame | None = None, cells: pd.DataFrame | None = None) -> Figure:
     """Best learning rate against batch size, by final accuracy on the selection split (among
     rates where no seed diverged) and by fewest updates to ``target``. Grey lines are the rates
-    tried (past MAX_TRIED_LINES rates, grey marks on the right edge, and log ticks), so a winner
-    on the edge of the grid (a sign the grid is too narrow) is plain to see. ``cells``: as
-    ``plot_training_speed`` takes it."""
+    tried (past MAX_TRIED_LINES rates, grey marks on the right edge, and log ticks:
+    ``rates_tried_axis``), so a winner on the edge of the grid (a sign the grid is too narrow)
+    is plain to see. ``cells``: as ``plot_training_speed`` takes it."""
     cells = _cells(cells, trials, epochs, target, points, probes)
     chosen = scaling.selection(trials)
     by_acc = analysis.best_lr_by_accuracy(cells, "val" if chosen.split == "validation" else "test")
@@ -206,13 +239,7 @@ def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: 
     with plot_style():
         fig = new_figure(7.5, 4.6)
         ax = fig.subplots()
-        dense = len(rates) > MAX_TRIED_LINES
-        if dense:  # a line per rate would grey the whole panel: a mark per rate on the right edge
-            ax.scatter([1.0] * len(rates), rates, marker="_", s=60, color="#999999", clip_on=False,
-                       transform=ax.get_yaxis_transform(), zorder=1)
-        else:
-            for lr in rates:
-                ax.axhline(lr, color="#cccccc", linewidth=0.8, zorder=1)
+        dense = rates_tried_axis(ax, rates)
         ax.plot(by_acc["batch_size"], by_acc["learning_rate"], marker="o", markersize=11, fillstyle="none",
                 linewidth=1.5, label=f"highest final {chosen.split} accuracy", zorder=3)
         ax.plot(by_updates["batch_size"], by_updates["learning_rate"], marker="s", markersize=5, linestyle="--",
@@ -224,23 +251,13 @@ def plot_best_learning_rate(trials: pd.DataFrame, epochs: pd.DataFrame, target: 
         _not_reached(ax, by_acc.loc[by_acc["learning_rate"].isna(), "batch_size"], "every lr diverged", "C0")
         _not_reached(ax, by_updates.loc[by_updates["learning_rate"].isna(), "batch_size"],
                      f"no lr reaches {target:g}", "C1")
-        ax.set_yscale("log")
-        span = rates[-1] / rates[0]
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 300 else (1.0, 2.0, 5.0)) if dense
-                                   else FixedLocator(rates))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: lr_text(v)))
-        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(rates[0] / 1.6, rates[-1] * 1.6)
-        if dense:
-            ax.grid(True, axis="y", color="#eeeeee")
-        else:
-            ax.grid(False, axis="y")
         bs_axis(ax, trials["batch_size"].unique())
         ax.set_ylabel("learning rate (log)" if dense else "learning rate (grey: rates tried)")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.04, 1.0), frameon=False)
-        tried = "grey marks on the right edge" if dense else "grey lines"
-        add_caption(fig, f"one best rate per batch size by each rule, among all {len(rates)} rates tried ({tried}); "
-                         f"{chosen.caption}")
+        add_caption(fig, f"one best rate per batch size by each rule, among every rate tried; "
+                         f"{rates_tried_note(len(rates))}; {chosen.caption}")
         add_title(fig, "Best learning rate by batch size", note)
     return fig
 

@@ -195,6 +195,57 @@ def test_bootstrap_counts_replicates_whose_fit_fails():
     assert result.frontier.n_points == 3 and np.all(np.isfinite(result.b_crit))
 
 
+def uneven_cells(rng, sizes=(8, 64, 512), rates=20, seeds=50) -> pd.DataFrame:
+    """cell_steps-shaped: random steps, 10 % never reaching, cells of several seed counts (the
+    bootstrap draws for each group of cells in turn), a NaN, and a batch size of one cell where
+    one seed in three reaches (its best is often inf)."""
+    rows = [{"batch_size": b, "learning_rate": 1e-3 * 1.3 ** j, "seed": s, "momentum": 0.9,
+             "steps": math.inf if rng.random() < 0.1 else float(rng.integers(50, 5000))}
+            for b in sizes for j in range(rates) for s in range(seeds if j % 3 else seeds - 7)]
+    rows += [{"batch_size": 1024, "learning_rate": 1e-3, "seed": s, "momentum": 0.9, "steps": steps}
+             for s, steps in enumerate([300.0, math.inf, math.inf])]
+    cells = pd.DataFrame(rows)
+    cells.loc[5, "steps"] = math.nan  # one seed count more: a cell of seeds - 1
+    return cells
+
+
+def test_bootstrap_in_chunks_draws_exactly_what_one_chunk_draws():
+    cells = uneven_cells(np.random.default_rng(3))
+    per_replicate = len(cells)
+    whole_b, whole = critical._resampled_best(cells, 300, np.random.default_rng(7), max_values=10 ** 12)
+    for bound in (1, 5_000, per_replicate * 7 + 1):  # one replicate a chunk, a few, and a ragged last chunk
+        assert len(critical._replicate_chunks(300, per_replicate, bound)) > 1
+        b, chunked = critical._resampled_best(cells, 300, np.random.default_rng(7), max_values=bound)
+        assert np.array_equal(b, whole_b) and np.array_equal(chunked, whole)
+    assert whole.shape == (300, 4) and np.isinf(whole).any() and np.isfinite(whole).any()
+    # bootstrap_frontier with the default bound: unchanged fits for the same seed
+    assert bootstrap_frontier(cells, n_boot=50, seed=2) == bootstrap_frontier(cells, n_boot=50, seed=2)
+
+
+def test_replicate_chunks_cover_every_replicate_within_the_bound():
+    # 1,000 replicates of a 100,000-trial grid: all at once was 10^8 values (2.4 GB at the peak).
+    chunks = critical._replicate_chunks(1000, 100_000)
+    assert len(chunks) == 50 and all((c.stop - c.start) * 100_000 <= critical.CHUNK_VALUES for c in chunks)
+    assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(1000))
+    assert critical._replicate_chunks(3, 10 ** 9) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least one
+    assert critical._replicate_chunks(0, 10) == []
+
+
+def test_bootstrap_memory_follows_the_chunk_not_the_replicates():
+    import tracemalloc
+
+    cells = uneven_cells(np.random.default_rng(4), rates=40, seeds=100)  # ~11,000 trials
+    tracemalloc.start()
+    try:
+        critical._resampled_best(cells, 400, np.random.default_rng(0), max_values=20_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 400 × 11,000 values at once would hold about 100 MB (index, value, median's copy); a chunk
+    # of 20,000 holds about 0.5 MB, beside the frame's own copies.
+    assert peak < 8e6, f"peak {peak / 1e6:.0f} MB"
+
+
 # --- default_targets ---------------------------------------------------------------------------
 
 def target_grid():

@@ -53,14 +53,14 @@ def fits() -> list[TargetFit]:
             make_fit("train_loss", 0.1, 96.0, s_min=200.0, never=tuple(SIZES[2:]), rng_seed=4)]
 
 
-def make_trials() -> pd.DataFrame:
-    """Accuracy peaks at g = lr·N/(B(1-m)) = 40 whatever the batch size; lr 1 diverges below
-    B = 64, and at B = 1 every rate diverges."""
+def make_trials(rates=10 ** np.arange(-3, 0.01, 0.5), sizes=(1, 8, 32, 128, 512), seeds: int = 3) -> pd.DataFrame:
+    """Accuracy peaks at g = lr·N/(B(1-m)) = 40 whatever the batch size; rates above 0.5 diverge
+    below B = 64, and at B = 1 every rate diverges."""
     rng = np.random.default_rng(5)
     rows = []
-    for b in (1, 8, 32, 128, 512):
-        for lr in 10 ** np.arange(-3, 0.01, 0.5):
-            for seed in range(3):
+    for b in sizes:
+        for lr in rates:
+            for seed in range(seeds):
                 g = critical.sgd_noise_scale(lr, 1000, b, 0.9)
                 diverged = b == 1 or (lr > 0.5 and b < 64)
                 acc = np.nan if diverged else 0.93 - 0.05 * (math.log10(g) - math.log10(40)) ** 2 + rng.normal(0, 0.005)
@@ -209,6 +209,43 @@ def test_learning_rate_scaling_has_compact_ticks_and_marks_the_edges(tmp_path):
     [top] = [c for c in ax.collections if c.get_gid() == "not reached" and c.get_offsets()[0, 1] > 0.5]
     assert top.get_offsets()[:, 0].tolist() == [1]
     save(fig, tmp_path, "learning_rate_scaling")
+
+
+DENSE_RATES = np.geomspace(1e-4, 1.0, 100)
+
+
+def test_learning_rate_scaling_of_100_rates_marks_them_on_the_edge_with_decade_ticks(tmp_path):
+    trials = make_trials(DENSE_RATES)
+    best, stable = best_learning_rates(trials), critical.largest_stable_lr(trials)
+    fig = plot_learning_rate_scaling(best, stable, DENSE_RATES, TEST_ONLY)
+    every = texts(fig)
+    ax = fig.axes[0]
+    # A grey line per rate was 100 lines (105 in all) and 8 ticks at odd rates (3.4e-4, 1.1e-3, ...).
+    assert len(ax.get_lines()) < 10
+    [marks] = [c for c in ax.collections if c.get_gid() == "rates tried"]
+    assert len(marks.get_offsets()) == 100 and set(marks.get_offsets()[:, 0]) == {1.0}  # on the right edge
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert labels == ["1e-4", "1e-3", "1e-2", "0.1", "1"]
+    assert len([t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]) <= 30
+    assert "the 100 rates tried are grey marks on the right edge, with log ticks (past 16 rates" in every
+    assert "grey: rates tried" not in ax.get_ylabel()
+    save(fig, tmp_path, "learning_rate_scaling_dense")
+
+
+def test_noise_scale_collapse_of_a_dense_grid_rasterizes_the_trials(tmp_path):
+    trials = make_trials(DENSE_RATES, seeds=10)  # 5,000 trials
+    fig = plot_noise_scale_collapse(trials, TEST_ONLY)
+    ax = fig.axes[0]
+    per_trial = [c for c in ax.collections if c.get_gid() in ("trials", "diverged")]
+    assert len(per_trial) == 2 and all(c.get_rasterized() for c in per_trial)
+    assert not any(t.get_rasterized() for t in fig.findobj(Text))  # text and axes stay vector
+    assert all(ln.get_marker() in ("", "None", None) for ln in ax.get_lines())  # 100 markers a line overprint
+    assert "without markers past 16 rates" in texts(fig)
+    path = tmp_path / "noise_scale_collapse.svg"
+    fig.savefig(path)
+    # As vector markers this SVG was 0.9 MB (100,000 trials: 15.7 MB); rasterized about 0.14 MB.
+    assert path.stat().st_size < 300_000 and path.read_text().count("<image") == 2
 
 
 def test_noise_scale_collapse_plots_every_trial(tmp_path):

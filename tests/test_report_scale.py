@@ -170,7 +170,9 @@ def test_stability_and_best_rate_figures_of_100_rates_stay_readable(dense):
     assert len(ax.get_lines()) < 10  # no line per rate tried: they are marks on the edge
     low, high = ax.get_ylim()
     assert len([t for t in ax.get_yticks() if low <= t <= high]) <= 10
-    assert "among all 100 rates tried (grey marks on the right edge)" in all_text(best)
+    assert "the 100 rates tried are grey marks on the right edge, with log ticks (past 16 rates" in all_text(best)
+    assert [t.get_text() for t in ax.get_yticklabels() if low <= t.get_position()[1] <= high] == [
+        "1e-4", "1e-3", "1e-2", "0.1", "1"]
 
 
 # ---- the report: columns read, and time on a 5,000-trial folder -------------------------------
