@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from harness import datasets
+from harness import datasets, readers
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,7 @@ class TrainConfig:
     # test accuracy), while runs that end collapsed at chance peak at 1e2 to 1e33; 10x would
     # call recovering runs diverged.
     divergence_factor: float = neutral(100.0)
-    # Optimizers as Keras 3 defines them; each reads only its own keys (OPTIMIZER_KEYS).
+    # Optimizers as Keras 3 defines them; each reads only its own keys (harness.readers).
     nesterov: bool = neutral(False)  # sgd
     beta_1: float = neutral(0.9)  # adam
     beta_2: float = neutral(0.999)  # adam
@@ -112,29 +112,6 @@ class TrainConfig:
     decay_factor: float = neutral(0.1)  # step
     learning_rate_scaling: str = neutral("none")  # none | linear | sqrt in batch_size / base_batch_size
     base_batch_size: int = neutral(32)  # the batch size at which learning_rate is the rate as given
-
-
-# Keys of train that only some settings read. A grid that sets one of them where it is not read
-# is refused; in a sweep that mixes settings (sweep.optimizer: [sgd, adam]) they are reset to
-# their defaults where not read, so adam x momentum [0, 0.9] is one adam trial, not two.
-OPTIMIZER_KEYS = {"sgd": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2", "epsilon"),
-                  "rmsprop": ("rho", "epsilon")}
-SCHEDULE_KEYS = {"constant": (), "step": ("decay_epochs", "decay_factor"), "cosine": ()}
-
-
-def unread_keys(train: "TrainConfig") -> set[str]:
-    """The train keys that ``train``'s optimizer, schedule and scaling do not read."""
-    unread = {k for keys in OPTIMIZER_KEYS.values() for k in keys} - set(OPTIMIZER_KEYS[train.optimizer])
-    unread |= {k for keys in SCHEDULE_KEYS.values() for k in keys} - set(SCHEDULE_KEYS[train.schedule])
-    if train.learning_rate_scaling == "none":
-        unread.add("base_batch_size")
-    return unread
-
-
-def normalised(train: "TrainConfig") -> "TrainConfig":
-    """``train`` with every key it does not read at its default (see OPTIMIZER_KEYS)."""
-    defaults = TrainConfig()
-    return dataclasses.replace(train, **{k: getattr(defaults, k) for k in unread_keys(train)})
 
 
 def _kind(f: dataclasses.Field) -> type:
@@ -276,41 +253,10 @@ def _layers(where: str, raw: Any) -> Any:
     return {**raw, "hidden_units": widths[0], "depth": len(widths)}
 
 
-def _combos(train: TrainConfig, blocks) -> list[TrainConfig]:
-    """Every (optimizer, schedule, scaling) a trial of the grid can have, per block."""
-    out = []
-    for block in blocks:
-        axes = dict(block)
-        out.append([dataclasses.replace(train, optimizer=o, schedule=s, learning_rate_scaling=c)
-                    for o in axes.get("optimizer", (train.optimizer,)) for s in axes.get("schedule", (train.schedule,))
-                    for c in axes.get("learning_rate_scaling", (train.learning_rate_scaling,))])
-    return out
-
-
-def _readers(key: str) -> str:
-    readers = [f"optimizer '{o}'" for o, keys in OPTIMIZER_KEYS.items() if key in keys]
-    readers += [f"schedule '{s}'" for s, keys in SCHEDULE_KEYS.items() if key in keys]
-    return " or ".join(readers) or "learning_rate_scaling linear or sqrt"
-
-
 def _check_reads(where: str, train: TrainConfig, raw_train: Mapping[str, Any], blocks) -> None:
-    """A key set where no trial reads it would look as if it mattered: refuse it. A train key
-    must be read by some trial of the grid, a swept key by some trial of its block."""
-    per_block = _combos(train, blocks)
-    everywhere = [t for combos in per_block for t in combos]
-    for key in sorted(raw_train):
-        if all(key in unread_keys(t) for t in everywhere):
-            raise ConfigError(f"{where}: 'train.{key}' is not read by any trial; only {_readers(key)} reads it "
-                              f"(optimizer is '{train.optimizer}', schedule '{train.schedule}', "
-                              f"learning_rate_scaling '{train.learning_rate_scaling}')")
-    for block, combos in zip(blocks, per_block):
-        for axis, _ in block:
-            if all(axis in unread_keys(t) for t in combos):
-                raise ConfigError(f"{where}: 'sweep.{axis}' is not read by any trial of its block; only "
-                                  f"{_readers(axis)} reads it")
-        axes = dict(block)
-        if ("warmup_updates" in axes or train.warmup_updates) and ("warmup_epochs" in axes or train.warmup_epochs):
-            raise ConfigError(f"{where}: set or sweep 'train.warmup_updates' or 'train.warmup_epochs', not both")
+    problem = readers.unread_problem(train, raw_train, blocks)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
 
 
 def _problem(where: str, raw: Any, folder: Path) -> ProblemConfig:

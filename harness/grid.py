@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable
 
-from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig, identity, normalised
+from harness.config import GridConfig, ModelConfig, ProblemConfig, TrainConfig, identity
+from harness.readers import normalised
 
 # Beyond this many trials a run needs --yes: a typo like an extra zero in a seed list should
 # not silently book the machine for a week. grids/full.yaml has 350.

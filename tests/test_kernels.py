@@ -34,7 +34,7 @@ numba = pytest.importorskip("numba")
 import test_clock  # noqa: E402 - the suites re-run below on the numba path
 import test_datasets  # noqa: E402
 import test_fused  # noqa: E402
-from harness import config  # noqa: E402
+from harness import readers  # noqa: E402
 from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
 from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels, stack  # noqa: E402
 from harness.engines.fused import train_fused  # noqa: E402
@@ -80,7 +80,7 @@ def with_optimizer(specs: list[TrialSpec], optimizer: str) -> list[TrialSpec]:
         train = dict(optimizer=optimizer, momentum=0.9, **(own if i % 2 else {}),
                      **(dict(schedule="cosine", warmup_updates=20) if i % 3 == 0 else {}))
         out.append(dataclasses.replace(spec, learning_rate=spec.learning_rate / 10,
-                                       train=config.normalised(dataclasses.replace(spec.train, **train))))
+                                       train=readers.normalised(dataclasses.replace(spec.train, **train))))
     return out
 
 
