@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
+from harness import readers
 from harness.schema import CONFIG_COLUMNS, FINISHED
 
 CELL = ["batch_size", "learning_rate"]
@@ -117,8 +119,15 @@ def split_studies(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     columns = study_columns(trials)
     if not columns:
         return [("", trials)]
-    return [(", ".join(f"{c}={v:g}" if isinstance(v, float) else f"{c}={v}" for c, v in zip(columns, key)), g)
-            for key, g in trials.groupby(columns, sort=True)]
+    out = []
+    for key, g in trials.groupby(columns, sort=True):
+        first = g.iloc[0]
+        # A key the study's optimizer, schedule and scaling do not read sits at its default: not a label
+        settings = {"optimizer": "sgd", "schedule": "constant", "learning_rate_scaling": "none"}
+        unread = readers.unread_keys(SimpleNamespace(**{k: first.get(k, v) for k, v in settings.items()}))
+        out.append((", ".join(f"{c}={v:g}" if isinstance(v, float) else f"{c}={v}"
+                              for c, v in zip(columns, key) if c not in unread), g))
+    return out
 
 
 def seconds_per_update(trials: pd.DataFrame, probes: pd.DataFrame | None) -> pd.Series:

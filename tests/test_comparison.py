@@ -79,3 +79,12 @@ def test_peak_rate_applies_the_batch_size_scaling():
         (trials["batch_size"] / 32).tolist()
     plain = synthetic("sgd", {8: 0.01, 64: 0.1})
     assert analysis.at_peak_rate(plain) is plain
+
+
+def test_study_labels_leave_out_keys_the_study_does_not_read():
+    """Constant and step schedules: decay_epochs varies (20 for step, the default 50 where unread)
+    but only the step study's label may carry it."""
+    constant = synthetic("sgd", {8: 0.01}).assign(schedule="constant", decay_epochs=50.0)
+    step = synthetic("sgd", {8: 0.01}).assign(schedule="step", decay_epochs=20.0)
+    labels = [label for label, _ in analysis.split_studies(pd.concat([constant, step]))]
+    assert labels == ["schedule=constant", "schedule=step, decay_epochs=20"]
