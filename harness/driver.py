@@ -59,13 +59,18 @@ class RunSummary:
 
 class BufferedWriter:
     """Finished trials buffered and written as one part per table: when ``max_trials`` are
-    waiting, and by a timer thread once the oldest has waited ``max_age_s``, so a 100,000-trial
-    grid leaves hundreds of files rather than hundreds of thousands, and a killed run loses at
-    most the last few seconds of results (plus the trials in flight)."""
+    waiting or their curves hold ``max_rows`` epoch and point rows, and by a timer thread once
+    the oldest has waited ``max_age_s``. So a 100,000-trial grid leaves hundreds of files rather
+    than hundreds of thousands, the driver's memory follows the buffer whatever the number of
+    trials or epochs, and a killed run loses at most the last few seconds of results (plus the
+    trials in flight)."""
 
-    def __init__(self, results_dir: Path, run_id: str, max_trials: int = 2000, max_age_s: float = 5.0):
+    def __init__(self, results_dir: Path, run_id: str, max_trials: int = 2000, max_age_s: float = 5.0,
+                 max_rows: int = 200_000):
         self.results_dir, self.run_id, self.max_trials, self.max_age_s = results_dir, run_id, max_trials, max_age_s
+        self.max_rows = max_rows
         self.pending: list = []
+        self.rows = 0  # epoch and point records in pending
         self.oldest = 0.0
         self.seq = 0
         self._lock = threading.Lock()
@@ -78,7 +83,8 @@ class BufferedWriter:
             if not self.pending:
                 self.oldest = time.monotonic()
             self.pending.extend(results)
-            if len(self.pending) >= self.max_trials or self.max_age_s <= 0:
+            self.rows += sum(len(r.epochs) + len(r.points) for r in results)
+            if len(self.pending) >= self.max_trials or self.rows >= self.max_rows or self.max_age_s <= 0:
                 self._flush()
 
     def _tick(self) -> None:
@@ -89,7 +95,7 @@ class BufferedWriter:
 
     def _flush(self) -> None:
         store.write_results(self.results_dir, self.pending, self.run_id, self.seq)
-        self.pending, self.seq = [], self.seq + 1
+        self.pending, self.rows, self.seq = [], 0, self.seq + 1
 
     def close(self) -> None:
         """Write what is still buffered and stop the timer."""

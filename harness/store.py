@@ -92,11 +92,14 @@ def trials_table(results: Sequence[TrialResult], run_id: str) -> pa.Table:
 
 
 def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Table:
-    """The epochs or points of ``results`` (TrialResult.epochs / .points), one row per record."""
+    """The epochs or points of ``results`` (TrialResult.epochs / .points), one row per record.
+    Built a column at a time: a dict per row would hold several times the records' own memory
+    while a part of hundreds of thousands of rows is written."""
     schema = SCHEMAS[kind]
-    rows = [{"trial_id": r.trial_id, **dataclasses.asdict(e)} for r in results for e in getattr(r, kind)]
-    rows = [{name: row[name] for name in schema.names} for row in rows]
-    return pa.Table.from_pylist(rows, schema=with_version(schema, run_id))
+    columns = {"trial_id": [r.trial_id for r in results for _ in getattr(r, kind)]}
+    for name in schema.names[1:]:
+        columns[name] = [getattr(e, name) for r in results for e in getattr(r, kind)]
+    return pa.Table.from_pydict(columns, schema=with_version(schema, run_id))
 
 
 def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:

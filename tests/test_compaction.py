@@ -104,6 +104,26 @@ def test_buffered_writer_flushes_by_count_and_by_age(tmp_path):
     assert len(store.read_trials(tmp_path)) == 6
 
 
+def test_buffered_writer_flushes_by_curve_rows(tmp_path):
+    """Trials with long curves flush before max_trials: the buffer is bounded in rows, so the
+    driver's memory does not grow with the epochs per trial."""
+    specs = expand_grid(GRID)
+    results = instant_work(specs[:3])
+    rows = [len(r.epochs) + len(r.points) for r in results]
+    writer = BufferedWriter(tmp_path, "r", max_trials=1000, max_age_s=60, max_rows=rows[0] + rows[1])
+    try:
+        writer.add(results[:1])
+        assert not (tmp_path / "trials").exists()  # under every limit
+        writer.add(results[1:2])
+        assert len(list((tmp_path / "trials").iterdir())) == 1  # the rows limit, far under max_trials
+        assert writer.rows == 0 and not writer.pending
+    finally:
+        writer.close()
+    epochs = pd.read_parquet(tmp_path / "epochs")
+    assert len(epochs) == sum(len(r.epochs) for r in results[:2])
+    assert list(epochs.columns) == list(store.SCHEMAS["epochs"].names)
+
+
 def test_a_run_ends_compacted(tmp_path):
     summary = run_study(GRID, tmp_path, SerialBackend(work=instant_work), progress=False, flush_s=0)
     assert summary.ran == 15
