@@ -9,9 +9,12 @@ environment, results travel back as return values, and only the driver writes th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
@@ -71,8 +74,35 @@ class SerialBackend:
         return 1
 
     def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
-        for group in groups:
-            yield (work or self.work)(group)
+        with _stop_between_groups() as stop:
+            for group in groups:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                yield (work or self.work)(group)
+
+
+@contextlib.contextmanager
+def _stop_between_groups() -> Iterator[threading.Event]:
+    """Ctrl-C (or SIGTERM) during an in-process run stops it before the next group; a second one
+    stops it at once. Raising at the first, wherever the signal lands, is not reliable: inside
+    TensorFlow's or the garbage collector's callbacks the KeyboardInterrupt is printed as
+    "Exception ignored" and the run goes on. Off the main thread (no signals there) nothing changes."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _ray_group(work: Work, group: Group) -> list[TrialResult]:
