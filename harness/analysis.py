@@ -123,8 +123,10 @@ def split_studies(trials: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for key, g in trials.groupby(columns, sort=True):
         first = g.iloc[0]
         # A key the study's optimizer, schedule and scaling do not read sits at its default: not a label
-        settings = {"optimizer": "sgd", "schedule": "constant", "learning_rate_scaling": "none"}
-        unread = readers.unread_keys(SimpleNamespace(**{k: first.get(k, v) for k, v in settings.items()}))
+        settings = SimpleNamespace(**{k: first.get(k, v) for k, v in
+                                      {"optimizer": "sgd", "schedule": "constant", "learning_rate_scaling": "none"}.items()})
+        known = settings.optimizer in readers.OPTIMIZER_KEYS and settings.schedule in readers.SCHEDULE_KEYS
+        unread = readers.unread_keys(settings) if known else set()
         out.append((", ".join(f"{c}={v:g}" if isinstance(v, float) else f"{c}={v}"
                               for c, v in zip(columns, key) if c not in unread), g))
     return out
