@@ -121,10 +121,19 @@ def modelled_wall_s(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> float:
 RAY_START_S = 5.0
 
 
+# Past this many trials a grid goes to Ray without modelling: the model itself would take
+# seconds (3 s for 100,000 trials), and a grid that size is rarely a few seconds of work.
+MODELLED_UP_TO = 2000
+
+
 def ray_pays_off(specs: Sequence[TrialSpec], cores: int) -> bool:
     """Whether fanning ``specs`` out over ``cores`` with a private Ray saves more time than
     starting Ray costs; when not (a smoke grid), the driver trains them in its own process."""
     if cores < 2:
         return False
+    if len(specs) > MODELLED_UP_TO:
+        return True
     one = modelled_wall_s(plan_tasks(specs, 1), 1)
+    if one * (1 - 1 / cores) <= RAY_START_S:  # even a perfect split would not pay
+        return False
     return one - modelled_wall_s(plan_tasks(specs, cores), cores) > RAY_START_S

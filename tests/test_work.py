@@ -52,3 +52,7 @@ def test_ray_pays_off_only_when_it_saves_more_than_its_start_up():
         assert (saving > RAY_START_S) is expected, saving
         assert ray_pays_off(todo, 2) is expected
     assert not ray_pays_off(big, 1)  # one core: nothing to fan out
+    from harness.work import MODELLED_UP_TO
+
+    many = specs(1, MODELLED_UP_TO // 6 + 1)  # more trials than are modelled, each a blink
+    assert len(many) > MODELLED_UP_TO and ray_pays_off(many, 2)
