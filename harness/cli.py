@@ -162,10 +162,12 @@ def run_main(argv: list[str] | None = None) -> int:
             with driver.announced_set_asides():
                 on_disk = store.finished_trials(results_dir, move=False) if not args.fresh else {}
             # Without joining a cluster: sized for this machine's cores, or --max-concurrent.
-            slots = 1 if args.backend == "serial" else (args.max_concurrent or
-                                                        max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
-            _print_piped(driver.describe_plan(grid, driver.plan_run(grid, on_disk, args.retry_failed), backend.name,
-                                              slots))
+            plan = driver.plan_run(grid, on_disk, args.retry_failed)
+            name = backend.name
+            if pick is not None and plan.todo and not ray_pays_off(plan.todo, cores):
+                name = "serial (a small grid: this process, without starting Ray)"
+            slots = 1 if name != "ray" else (args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
+            _print_piped(driver.describe_plan(grid, plan, name, slots))
             return 0
         if args.fresh:
             with store.locked(results_dir):
