@@ -70,6 +70,14 @@ def _drawn(spec: TrialSpec) -> np.ndarray:
     return np.concatenate([w.ravel() for w in initial_weights(model, spec.problem, spec.seed)]).astype(np.float32)
 
 
+def _cached(key: Key) -> np.ndarray | None:
+    """The key's weights from the cache; None when they are not there (or unreadable)."""
+    try:
+        return np.load(_path(key))
+    except (OSError, ValueError):
+        return None
+
+
 def _store(key: Key, flat: np.ndarray) -> np.ndarray:
     try:
         handle, tmp = tempfile.mkstemp(dir=_folder(), suffix=".tmp")
@@ -90,9 +98,8 @@ def flat(spec: TrialSpec) -> np.ndarray:
     key = key_of(spec)
     with _lock:
         if key not in _memo:
-            try:
-                weights = np.load(_path(key))
-            except (OSError, ValueError):
+            weights = _cached(key)
+            if weights is None:
                 weights = _store(key, _drawn(spec))
             weights.setflags(write=False)
             _memo[key] = weights
@@ -113,10 +120,11 @@ def prepare(specs: Iterable[TrialSpec]) -> dict[Key, np.ndarray]:
             wanted.setdefault(key_of(spec), spec)
     table, missing = {}, []
     for key, spec in wanted.items():
-        try:
-            table[key] = np.load(_path(key))
-        except (OSError, ValueError):
+        weights = _cached(key)
+        if weights is None:
             missing.append((key, spec))
+        else:
+            table[key] = weights
     if missing:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
         child = subprocess.run([sys.executable, "-m", "harness.initial"], input=pickle.dumps([s for _, s in missing]),

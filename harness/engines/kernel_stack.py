@@ -47,7 +47,6 @@ class NumbaStack:
         self.tensors = tensors  # W1b, W2T, b2, then the optimizer's first and second states of each
         self.hyper, self.updates = hyper, updates  # updates taken: the schedule's clock
         self._packed, self._opt = hyper.packed(), OPTIMIZER_CODES[hyper.optimizer]
-        self._rates: tuple = ()  # the epoch's Hyper.step_rates and the update it began at
         self.activation, self.exact = activation, exact
         self._act = ACTIVATION_CODES[activation]
         w1b, w2t = tensors[:2]
@@ -75,13 +74,13 @@ class NumbaStack:
 
     def begin_epoch(self, x1: np.ndarray, y: np.ndarray, rows: np.ndarray, batch: int, logits: np.ndarray) -> None:
         """x1 [N, F+1] and y [N, C] are all training rows; rows [M, N] each member's order."""
-        self._epoch = (x1, y, np.ascontiguousarray(rows, np.int64), batch, logits)
-        self._rates = (self.hyper.step_rates(self.updates, -(-rows.shape[1] // batch)), self.updates)
+        # The epoch's Hyper.step_rates ride with it: column s is step s's rate (Adam: its alpha).
+        rates = self.hyper.step_rates(self.updates, -(-rows.shape[1] // batch))
+        self._epoch = (x1, y, np.ascontiguousarray(rows, np.int64), batch, logits, rates)
 
     def run(self, s0: int, s1: int) -> None:
         """Steps s0..s1-1 of the epoch begun."""
-        x1, y, rows, batch, logits = self._epoch
-        rates, first = self._rates  # column s is step s of the epoch
+        x1, y, rows, batch, logits, rates = self._epoch
         train_steps(*self.tensors, rates, self._packed, self._opt, self.hyper.nesterov, x1, y, rows, batch, s0, s1,
                     logits, self._act, self.exact)
         self.updates += s1 - s0

@@ -76,10 +76,6 @@ class Hyper:
         return replace(self, **{f.name: getattr(self, f.name)[keep] for f in fields(self)
                                 if isinstance(getattr(self, f.name), np.ndarray)})
 
-    def rate(self, t: int) -> np.ndarray:
-        """[M, 1] rates of update t (0-based)."""
-        return self.rates if self.rates.shape[1] == 1 else self.rates[:, t:t + 1]
-
     def step_rates(self, t0: int, n: int) -> np.ndarray:
         """[M, n] what updates t0..t0+n-1 multiply the step by: the rate, and for Adam its alpha
         = rate * sqrt(1 - beta_2^k) / (1 - beta_1^k), k = t + 1 (Keras' local step). Computed
