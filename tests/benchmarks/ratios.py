@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bs:>4} {us[0]:>12} {us[1]:>12} {ratio(rows[0], rows[1]):>12} {us[2]:>12} {us[3]:>12} "
               f"{ratio(rows[2], rows[3]):>12}")
 
+    late = {e: costs.get((e, 1)) for e in ("late-numpy-flushed", "late-numpy-kept", "late-numba-flushed",
+                                             "late-numba-kept")}
+    if any(late.values()):
+        print("\ntraining steps at batch size 1 in a late epoch, denormals flushed and kept (us per model-update):")
+        print(f"{'path':6} {'flushed':>8} {'kept':>8} {'kept/flushed':>13}")
+        for path in ("numpy", "numba"):
+            on, off = late[f"late-{path}-flushed"], late[f"late-{path}-kept"]
+            us = [f"{r['us_per_model_update']:.3f}" if r else "-" for r in (on, off)]
+            print(f"{path:6} {us[0]:>8} {us[1]:>8} {ratio(off, on):>13}")
+
     names = sorted({e.split(":", 1)[1] for e, _ in costs if e.startswith("fused:")})
     if names:
         print("\nper optimizer at batch size 1 (us per model-update; keras/fused must stay >= 10):")

@@ -160,6 +160,43 @@ def test_steps(benchmark, batch_size, kernel):
     benchmark.pedantic(train, rounds=ROUNDS, iterations=1, warmup_rounds=0)
 
 
+# Trained models make subnormal floats (vanishing softmax probabilities, the momenta of units
+# whose gradient stopped), and an x86 core takes a microcode assist for each. The engine trains
+# with them flushed to zero, as TensorFlow does (harness/engines/denormals.py); these time the
+# steps after LATE_EPOCHS epochs at batch size 1, trained all along with them flushed or kept
+# (kept, they pile up in the momenta, which decay through the subnormal range for ~200 steps).
+LATE_EPOCHS = 40
+
+
+@pytest.mark.parametrize("flush", [True, False], ids=["flushed", "kept"])
+@pytest.mark.parametrize("kernel", FUSED_ENGINES)
+def test_steps_late(benchmark, kernel, flush):
+    import contextlib
+
+    from harness.engines import denormals, fused
+
+    if flush and not denormals.supported():
+        pytest.skip("denormals can't be flushed on this platform")
+    specs = group(1, 2)
+    data = make_data(specs[0].problem)
+    n = specs[0].problem.n_train
+    x1, y = fused.with_ones(data.x_train), np.array(data.y_train)
+    logits = np.empty((len(specs), n, y.shape[1]), np.float32)
+    stack = stack_for(kernel, specs)
+
+    def train(epoch: int = LATE_EPOCHS):
+        with denormals.flushed() if flush else contextlib.nullcontext():
+            stack.begin_epoch(x1, y, fused._epoch_rows([s.seed for s in specs], epoch, n, 1), 1, logits)
+            stack.run(0, n)
+
+    for epoch in range(LATE_EPOCHS):  # untimed
+        train(epoch)
+
+    record(benchmark, specs[0], len(specs), f"late-{kernel}-{'flushed' if flush else 'kept'}")
+    benchmark.extra_info.update(epochs=1, updates=n, model_updates=n * len(specs))
+    benchmark.pedantic(train, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+
+
 @pytest.mark.parametrize("kernel", FUSED_ENGINES)
 def test_fused_epoch_overhead(benchmark, kernel):
     """What the fused engine pays once per epoch whatever the batch size, for 35 models: batch
