@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def cache_dir(name: str, leaf: str, override: str | None = None) -> Path:
@@ -26,3 +27,16 @@ def cache_dir(name: str, leaf: str, override: str | None = None) -> Path:
         if os.access(base / leaf, os.W_OK | os.X_OK):
             return base / leaf
     raise OSError(f"no writable cache directory among {', '.join(map(str, candidates))}")
+
+
+def save_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` a file through a temporary beside ``path``, then rename it there: whole or not
+    at all, whoever else writes the same key. A cache that can't be written is only slower:
+    OSError is swallowed."""
+    try:
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+        os.replace(tmp, path)
+    except OSError:
+        pass

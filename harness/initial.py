@@ -19,7 +19,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from harness.cachedir import cache_dir
+from harness.cachedir import cache_dir, save_atomic
 from harness.config import ModelConfig, ProblemConfig
 from harness.grid import TrialSpec
 
@@ -79,13 +78,7 @@ def _cached(key: Key) -> np.ndarray | None:
 
 
 def _store(key: Key, flat: np.ndarray) -> np.ndarray:
-    try:
-        handle, tmp = tempfile.mkstemp(dir=_folder(), suffix=".tmp")
-        with os.fdopen(handle, "wb") as out:
-            np.save(out, flat)
-        os.replace(tmp, _path(key))  # whole or not at all, whoever else writes the same key
-    except OSError:
-        pass  # no cache: drawing again next time is only slower
+    save_atomic(_path(key), lambda out: np.save(out, flat))
     return flat
 
 

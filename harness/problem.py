@@ -5,15 +5,19 @@ trains the same model on the same batches and engines can be compared number for
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from harness import datasets
+from harness.cachedir import save_atomic
 from harness.config import ModelConfig, ProblemConfig
 
 
@@ -40,11 +44,46 @@ class Data:
         return self.y_train.shape[1]
 
 
+# Built-in data sets that scikit-learn generates or ships: their arrays are kept on disk, because
+# importing scikit-learn takes ~1 s of every worker process, and reading them ~1 ms. Files are
+# read as they are (their checksum is checked on each read); a plugin's loader is its own affair.
+CACHED_DATA_SETS = ("blobs", "moons", "circles", "classification", "digits")
+
+
+@lru_cache(maxsize=1)
+def _data_folder() -> Path:
+    """One folder per scikit-learn and NumPy version and per version of our loaders' code."""
+    from harness.cachedir import cache_dir
+
+    code = hashlib.sha256(Path(datasets.__file__).read_bytes()).hexdigest()[:12]
+    return cache_dir("harness-data", f"sklearn{importlib.metadata.version('scikit-learn')}-"
+                                     f"numpy{np.__version__}-{code}")
+
+
+def _arrays(problem: ProblemConfig) -> datasets.Arrays:
+    """``datasets.load_arrays(problem)``, through the disk cache for CACHED_DATA_SETS."""
+    if problem.dataset not in CACHED_DATA_SETS:
+        return datasets.load_arrays(problem)
+    reads = datasets.lookup(problem.dataset).keys or ()
+    key = repr((problem.dataset, *((k, getattr(problem, k)) for k in reads)))
+    try:
+        path = _data_folder() / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+    except OSError:  # no writable cache folder: load every time
+        return datasets.load_arrays(problem)
+    try:
+        with np.load(path) as kept:
+            return kept["x"], kept["labels"]
+    except (OSError, ValueError, KeyError):
+        x, labels = datasets.load_arrays(problem)
+        save_atomic(path, lambda out: np.savez(out, x=x, labels=labels))
+        return x, labels
+
+
 @lru_cache(maxsize=8)
 def make_data(problem: ProblemConfig) -> Data:
     """The data set depends only on ``problem``: every trial of a grid sees the same rows.
     Raises DataError (one line) when the data cannot be had, e.g. a file that changed."""
-    x, labels = datasets.load_arrays(problem)
+    x, labels = _arrays(problem)
     n, v = problem.n_train, problem.n_train + problem.n_val
     if v >= len(x):  # config validation says so first; this guards problems built in code
         raise datasets.DataError(f"data set '{problem.dataset}' has {len(x)} rows: too few for n_train + n_val "

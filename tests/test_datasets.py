@@ -37,7 +37,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-@pytest.mark.parametrize("keys, n_features, n_classes, rows", [
+BUILT_IN = [
     pytest.param({}, 2, 3, 1000, id="blobs"),
     pytest.param({"dataset": "moons", "noise": 0.2, "n_samples": 600, "n_train": 300, "n_val": 100}, 2, 2, 600,
                  id="moons"),
@@ -46,7 +46,10 @@ def offline(monkeypatch):
     pytest.param({"dataset": "classification", "n_samples": 800, "n_features": 6, "n_informative": 3,
                   "n_classes": 5, "class_sep": 1.5}, 6, 5, 800, id="classification"),
     pytest.param({"dataset": "digits", "n_train": 1000, "n_val": 397}, 64, 10, 1797, id="digits"),
-])
+]
+
+
+@pytest.mark.parametrize("keys, n_features, n_classes, rows", BUILT_IN)
 def test_each_data_set_loads_offline_with_its_shape_classes_and_split(offline, keys, n_features, n_classes, rows):
     problem = problem_from(**keys)
     data = make_data(problem)
@@ -57,6 +60,46 @@ def test_each_data_set_loads_offline_with_its_shape_classes_and_split(offline, k
         assert x.dtype == y.dtype == np.float32 and x.shape[1] == n_features and y.shape[1] == n_classes
         assert (y.sum(axis=1) == 1).all()  # one-hot
     assert set(data.y_train.argmax(axis=1)) == set(range(n_classes))  # every class is trained on
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    """An empty data cache of the test's own (harness.problem keeps built-in data sets on disk)."""
+    from harness import problem
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    problem._data_folder.cache_clear()
+    yield tmp_path / "harness-data"
+    problem._data_folder.cache_clear()
+
+
+@pytest.mark.parametrize("keys, n_features, n_classes, rows", BUILT_IN)
+def test_built_in_data_sets_are_read_back_from_the_disk_cache_unchanged(data_cache, monkeypatch, keys, n_features,
+                                                                         n_classes, rows):
+    from harness import problem
+
+    config = problem_from(**keys)
+    made = datasets.load_arrays(config)
+    assert not list(data_cache.rglob("*.npz"))
+    problem._arrays(config)  # made here, and kept
+    assert len(list(data_cache.rglob("*.npz"))) == 1
+    monkeypatch.setattr(datasets, "load_arrays", lambda p: pytest.fail("made again instead of read from the cache"))
+    kept = problem._arrays(config)
+    for a, b in zip(made, kept):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_data_cache_tells_settings_apart(data_cache, monkeypatch):
+    from harness import problem
+
+    problem._arrays(problem_from(random_state=2))
+    made = []
+    monkeypatch.setattr(datasets, "load_arrays", lambda p: made.append(p) or (np.zeros((4, 2)), np.arange(4) % 2))
+    problem._arrays(problem_from(random_state=3))
+    problem._arrays(problem_from(random_state=2, cluster_std=1.0))
+    problem._arrays(problem_from(random_state=2, n_train=400))  # split and scaling are made after the cache
+    assert [(p.random_state, p.cluster_std) for p in made] == [(3, 2.0), (2, 1.0)]
 
 
 def test_blobs_gives_exactly_the_rows_of_sklearn_make_blobs():

@@ -54,8 +54,8 @@ SOURCES = ("kernel_math.py", "kernels.py")  # the numba code, beside this module
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):
-WARM_START_S = 0.7  # import numba 0.25 s + import the kernels 0.06 s + load them from the cache 0.3 s
-COLD_START_S = 4.0  # the same, compiling both kernels instead of loading them (3.6 s)
+WARM_START_S = 0.65  # import numba 0.23 s + import the kernels 0.07 s + load them from the cache 0.33 s
+COLD_START_S = 5.7  # the same, compiling both kernels instead of loading them (5.4 s)
 # The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
 # step, per model-row of a batch and per model-row of a scoring pass (both per unit of
 # P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).
@@ -66,14 +66,16 @@ NUMPY_EVAL_ROW_PER_WEIGHT_S = 0.11e-6 / 300
 NUMPY_EPOCH_MODEL_S = 30e-6
 # The numba path's time as a share of the NumPy path's for a whole group (training and scoring,
 # 35 models, both paths measured in one run, rounded up) at batch sizes 1, 4, 32 and 500, for
-# the default network (P = 300: 2 features, 50 units, 3 classes) and for digits' (P = 3750: 64
-# features, 10 classes); interpolated on log2 of the batch size and of P, clamped at the ends.
+# the default network (P = 300: 2 features, 50 units, 3 classes; relu measured again with
+# denormals flushed and the row-vectorized scoring kernel: grids/full.yaml's groups) and for
+# digits' (P = 3750: 64 features, 10 classes); interpolated on log2 of the batch size and of P,
+# clamped at the ends.
 # The kernels' loops gain most where NumPy's per-call cost dominates: small batches of small
 # networks. Past batch size ~4, or at digits' size, BLAS's blocked matmuls are as fast or faster,
 # and tanh's loops are slower than NumPy's SIMD tanh, so such groups never go to numba.
 SHARE_BATCH_SIZES = (1, 4, 32, 500)
 SHARE_WEIGHTS = (300, 3750)
-NUMBA_SHARE = {"relu": ((0.3, 0.6, 0.9, 0.9), (0.75, 1.05, 1.5, 1.7)),
+NUMBA_SHARE = {"relu": ((0.25, 0.5, 0.7, 0.75), (0.75, 1.05, 1.5, 1.7)),
                "sigmoid": ((0.35, 0.65, 0.95, 0.95), (0.8, 1.1, 1.55, 1.75)),
                "tanh": ((0.4, 1.0, 1.5, 2.5), (0.65, 1.05, 1.6, 1.7))}
 

@@ -254,19 +254,23 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
 @numba.njit(**JIT)
 def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     """(loss [M] float32, accuracy [M] float64) of every model on all N rows: x1T [F+1, N] (the
-    ones row last), y [N, C] one-hot, labels [N] its class ids. Vectorized over the rows, so the
-    sums run in another order than the NumPy path's matmuls, and log is libm's: the loss agrees
-    to ~1e-7 relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with
-    NumPy's tie and NaN rules (fused.argmax_classes), as the NumPy path does."""
+    ones row last), y [N, C] one-hot, labels [N] its class ids. Every loop runs over the rows,
+    contiguous, so it vectorizes (the softmax too: np_expf has no branches); the sums run in
+    another order than the NumPy path's matmuls and log is libm's: the loss agrees to ~1e-7
+    relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with NumPy's
+    tie and NaN rules (fused.argmax_classes), as the NumPy path does."""
     M, F1, H = W1s.shape
     C, N = W2s.shape[1], x1T.shape[1]
-    z, lg, prob = np.empty(N, f32), np.empty((C, N), f32), np.empty(C, f32)
+    z, lg, ex = np.empty(N, f32), np.empty((C, N), f32), np.empty((C, N), f32)
+    mx, total, lse, row_loss, best = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), \
+        np.empty(N, f32)
+    index = np.empty(N, np.int64)
     loss, accuracy = np.empty(M, f32), np.empty(M, np.float64)
     for m in range(M):
         for c in range(C):
             for n in range(N):
                 lg[c, n] = ZERO
-        for h in range(H):  # one hidden unit for all rows at a time: contiguous, vectorizable
+        for h in range(H):  # one hidden unit for all rows at a time
             w = W1s[m, 0, h]
             for n in range(N):
                 z[n] = x1T[0, n] * w
@@ -287,28 +291,42 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
                 w = W2s[m, c, h]
                 for n in range(N):
                     lg[c, n] = fmaf(z[n], w, lg[c, n])
+        # The softmax and its log, a class at a time over all rows: the logits shifted by the row
+        # max (NumPy's maximum: NaN wins), then each row's loss and argmax as before, per row.
+        for c in range(C):
+            b = B2s[m, c]
+            for n in range(N):
+                lg[c, n] = lg[c, n] + b
+        for n in range(N):
+            mx[n] = lg[0, n]
+        for c in range(1, C):
+            for n in range(N):
+                v = lg[c, n]
+                mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
+        for n in range(N):
+            total[n] = ZERO
+        for c in range(C):
+            for n in range(N):
+                lg[c, n] = lg[c, n] - mx[n]
+                ex[c, n] = np_expf(lg[c, n])
+                total[n] = total[n] + ex[c, n]
+        for n in range(N):
+            lse[n] = np.log(total[n])
+            row_loss[n] = ZERO
+            best[n] = ex[0, n] / total[n]
+            index[n] = 0
+        for c in range(C):
+            for n in range(N):
+                row_loss[n] = row_loss[n] + y[n, c] * (lse[n] - lg[c, n])
+        for c in range(1, C):
+            for n in range(N):
+                pc = ex[c, n] / total[n]
+                index[n] = c if pc > best[n] else index[n]
+                best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
         total_loss, right = 0.0, 0
         for n in range(N):
-            mx = lg[0, n] + B2s[m, 0]
-            for c in range(1, C):
-                v = lg[c, n] + B2s[m, c]
-                mx = mx if (mx >= v or mx != mx) else v
-            total = ZERO
-            for c in range(C):
-                prob[c] = np_expf((lg[c, n] + B2s[m, c]) - mx)
-                total = total + prob[c]
-            lse = np.log(total)
-            row_loss = ZERO
-            best, index = prob[0] / total, 0
-            for c in range(C):
-                row_loss = row_loss + y[n, c] * (lse - ((lg[c, n] + B2s[m, c]) - mx))
-                pc = prob[c] / total
-                if c > 0:
-                    if pc > best:
-                        index = c
-                    best = best if (best >= pc or best != best) else pc
-            total_loss += row_loss
-            right += index == labels[n]
+            total_loss += row_loss[n]
+            right += index[n] == labels[n]
         loss[m] = total_loss / N
         accuracy[m] = right / N
     return loss, accuracy
