@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 from harness import initial, probe, store
 from harness.compaction import compact
+from harness.engines import kernel_choice
 from harness.config import GridConfig
 from harness.grid import TrialSpec
 from harness.plan import Plan, plan_run
@@ -188,7 +189,10 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
                 _measure_probes(probes, results_dir, backend, run_id)
             # No work, no backend: a finished grid reruns in a blink, without starting Ray.
             if plan.todo:
-                results_iter = backend.run(initial.attach(plan_tasks(plan.todo, backend.slots()), weights.result()))
+                slots = backend.slots()
+                tasks = initial.attach(plan_tasks(plan.todo, slots), weights.result())
+                kernel_choice.attach(tasks, slots)  # numba or NumPy, chosen for the run as a whole
+                results_iter = backend.run(tasks)
             for results in results_iter:
                 writer.add(results)
                 summary.statuses.update(r.status for r in results)

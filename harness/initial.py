@@ -27,7 +27,6 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from harness.cachedir import cache_dir, save_atomic
-from harness.config import ModelConfig, ProblemConfig
 from harness.grid import TrialSpec
 
 Key = tuple  # (n_features, n_classes, hidden_units, depth, kernel_initializer, seed)

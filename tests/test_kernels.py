@@ -361,3 +361,69 @@ def test_results_say_which_path_trained_them(monkeypatch):
                           ("numba", f"numpy {np.__version__} + numba {numba.__version__}")):
         monkeypatch.setenv("HARNESS_FUSED_KERNEL", path)
         assert fused.run_group([spec])[0].engine_version == version
+
+
+def spec_group(batch_size: int, models: int = 2, depth: int = 1) -> list[TrialSpec]:
+    return [TrialSpec(problem=ProblemConfig(), model=ModelConfig(depth=depth), train=TrainConfig(epochs=2, engine="fused"),
+                      batch_size=batch_size, learning_rate=0.01, seed=seed) for seed in range(models)]
+
+
+def test_run_plan_pays_numba_start_up_once_per_process(monkeypatch):
+    """The driver's plan: groups that each save less than numba's start-up go to numba together
+    when their savings exceed the start-up of the processes they occupy; the per-group rule
+    alone would keep every one of them on NumPy."""
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
+    savings = {1: 0.5, 2: 0.5, 4: 0.5, 8: 0.5, 16: -0.2}  # by batch size; start-up 0.65 s
+    monkeypatch.setattr(kernel_choice, "saving_s", lambda g: savings[g.batch_size])
+    groups = [spec_group(b) for b in savings]
+    assert kernel_choice.WARM_START_S == 0.65 and all(s < 0.65 for s in savings.values())
+    assert kernel_choice.plan(groups, slots=2) == ["numba"] * 4 + ["numpy"]  # 2.0 s saved, 1.3 s paid
+    assert kernel_choice.plan(groups, slots=8) == ["numpy"] * 5  # four processes: 2.6 s paid
+    assert kernel_choice.plan(groups[:2], slots=2) == ["numpy"] * 2  # 1.0 s saved, 1.3 s paid
+    savings[1] = 3.0  # a big group pays alone; then each next one must beat a process of its own
+    assert kernel_choice.plan(groups, slots=8) == ["numba"] + ["numpy"] * 4
+    deep = spec_group(2, depth=2)  # the kernels train one hidden layer
+    assert kernel_choice.plan([groups[0], deep], slots=2) == ["numba", "numpy"]
+    monkeypatch.setattr(kernel_choice.importlib.util, "find_spec", lambda name: None)  # numba not installed
+    assert kernel_choice.plan(groups, slots=2) == ["numpy"] * 5
+
+
+def test_run_plan_sends_every_batch_size_of_the_full_grid_to_numba(monkeypatch):
+    from harness.config import load_grid
+    from harness.grid import expand_grid
+    from harness.work import group_specs
+
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
+    root = Path(__file__).resolve().parents[1]
+    full = group_specs(expand_grid(load_grid(root / "grids" / "full.yaml")))
+    assert kernel_choice.plan(full, slots=2) == ["numba"] * 10
+    smoke = group_specs(expand_grid(load_grid(root / "grids" / "smoke.yaml")))
+    assert set(kernel_choice.plan([g for g in smoke], slots=2)) == {"numpy"}
+
+
+def test_train_fused_follows_the_attached_path_unless_overridden(monkeypatch):
+    from harness import initial
+
+    monkeypatch.delenv(kernel_choice.ENV_VAR, raising=False)
+    (task,) = initial.attach([tuple(spec_group(50))], {})
+    assert choose_kernel(kernel_choice.group_size(task)) == "numpy"  # alone, too small for numba
+    task.kernel = "numba"
+    assert "numba" in train_fused(task).engine_version
+    monkeypatch.setenv(kernel_choice.ENV_VAR, "numpy")
+    assert "numba" not in train_fused(task).engine_version
+    assert "numba" not in train_fused(initial.attach([tuple(spec_group(50))], {})[0]).engine_version
+
+
+def test_driver_attaches_the_run_plan_to_fused_tasks(monkeypatch, tmp_path):
+    from harness.config import parse_grid
+    from harness.driver import run_study
+    from harness.scheduler import SerialBackend
+    from harness.store import read_table
+
+    monkeypatch.delenv(kernel_choice.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernel_choice, "plan", lambda groups, slots: ["numba"] * len(groups))
+    grid = parse_grid({"train": {"epochs": 2, "engine": "fused"},
+                       "sweep": {"batch_size": [50, 100], "learning_rate": [0.01], "seed": [0, 1]}}, "g.yaml")
+    run_study(grid, tmp_path, SerialBackend(), progress=False)
+    versions = read_table(tmp_path, "trials")["engine_version"].to_pylist()
+    assert len(versions) == 4 and all("numba" in v for v in versions)

@@ -15,15 +15,17 @@ small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kerne
 runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
 default network (tests/test_kernels.py says where), for networks of one hidden layer with any
 optimizer option (``numba_supports``); it costs a start-up per
-process (import numba and load the compiled kernels, ~0.7 s; the first time on a machine,
-compile them, ~4 s). ``kernel_choice.choose_kernel`` takes the numba path only
-when a group's estimated saving exceeds that start-up, so small groups (under ~1 s of NumPy
-work) stay on NumPy and a small grid never waits for a compile; $HARNESS_FUSED_KERNEL or
-``train_fused(kernel=...)`` force a path. Either way the stack's interface is the same:
+process (import numba and load the compiled kernels, ~0.65 s; the first time on a machine,
+compile them, ~5.7 s). The driver chooses a path per group for the whole run
+(``kernel_choice.plan``: numba where the savings exceed the start-up of the processes that pay
+it), sent with the task; a group trained on its own goes to numba only when its own saving
+exceeds that start-up (``choose_kernel``), so a small grid never waits for a compile;
+$HARNESS_FUSED_KERNEL or ``train_fused(kernel=...)`` force a path. Either way the stack's interface is the same:
 ``begin_epoch``/``run`` train, ``evaluate`` scores, ``weights`` and ``select`` read and shrink it.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,9 +35,9 @@ import numpy as np
 
 from harness.clock import eval_points, examples_at, noise_points
 from harness.engines import denormals
-from harness.engines.kernel_choice import GroupSize, choose_kernel
+from harness.engines.kernel_choice import ENV_VAR, choose_kernel, group_size, numba_supports
 from harness.engines.optimizers import Hyper, new_state
-from harness.engines.stack import Shape, Stack, Weights, argmax_classes, n_params, softmax_xent, with_ones
+from harness.engines.stack import Shape, Stack, Weights, argmax_classes, softmax_xent, with_ones
 from harness.noise import noise_if
 from harness.grid import TrialSpec
 from harness import initial
@@ -134,12 +136,15 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     $HARNESS_FUSED_KERNEL, default auto. The caller pins BLAS threads (run_group does)."""
     _check_group(specs)
     theta, shape = _stack_initial(specs)  # before the tuple() below drops what the task carried
+    # The path: asked for here, or in $HARNESS_FUSED_KERNEL, or chosen by the driver for the run
+    # (kernel_choice.attach), or else for this group alone (choose_kernel's rule).
+    requested = kernel or os.environ.get(ENV_VAR) or getattr(specs, "kernel", None)
     specs = tuple(specs)
     first = specs[0]
     data = make_data(first.problem)
     n, batch, n_epochs = first.problem.n_train, first.batch_size, first.train.epochs
     hyper = Hyper.from_specs(specs)
-    path = choose_kernel(_group_size(specs, shape), kernel) if numba_supports(hyper, shape) else "numpy"
+    path = choose_kernel(group_size(specs), requested) if numba_supports(first) else "numpy"
     stack = _make_stack(path, theta, hyper, shape, first.model.activation)
     members = np.arange(len(specs))  # spec index of each active row of the stack
     final: list[Weights | None] = [None] * len(specs)
@@ -198,20 +203,6 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
         version += " (denormals kept)"
     return FusedTraining(specs=specs, weights=tuple(final), records=tuple(tuple(r) for r in records),
                          points=tuple(tuple(p) for p in clock.points), wall_clock_s=wall, engine_version=version)
-
-
-def numba_supports(hyper: Hyper, shape: Shape) -> bool:
-    """The numba kernels train networks of one hidden layer, with every optimizer option; deeper
-    networks take the NumPy path."""
-    return len(shape) == 3
-
-
-def _group_size(specs: Sequence[TrialSpec], shape: Shape) -> GroupSize:
-    spec = specs[0]
-    problem = spec.problem
-    return GroupSize(models=len(specs), batch_size=spec.batch_size, n_train=problem.n_train, epochs=spec.train.epochs,
-                     weights=n_params(shape), eval_rows=sum(len(x) for x, _ in make_data(problem).splits().values()),
-                     eval_points=len(eval_points(spec)), activation=spec.model.activation)
 
 
 def _make_stack(kernel: str, theta: np.ndarray, hyper: Hyper, shape: Shape, activation: str) -> "Stack | NumbaStack":

@@ -1,26 +1,31 @@
 """Which path trains a fused group, NumPy or the numba kernels, and where numba's compiled code
 lives. Imports neither numba nor the kernels: a group that stays on NumPy never pays for them.
 
-**The rule** (``choose_kernel``). numba pays off per update but costs a start-up once per
-process: importing numba and loading the compiled kernels from the cache (``WARM_START_S``,
-0.7 s), or, the first time on a machine, compiling them (``COLD_START_S``, 4 s). A group takes
-the numba path when the seconds it saves, estimated from its size, exceed what that start-up costs:
+**The rule.** numba pays off per update but costs a start-up once per process: importing numba
+and loading the compiled kernels from the cache (``WARM_START_S``, 0.65 s), or, the first time
+on a machine, compiling them (``COLD_START_S``, 5.7 s). What a group saves on numba is
+estimated from its size (``saving_s``):
 
-    numpy_s(group) * (1 - share(batch size, activation, network size)) > start-up
-    start-up = WARM_START_S if the kernels are in the cache, else COLD_START_S
+    saving = numpy_s(group) * (1 - share(batch size, activation, network size))
 
 ``numpy_s`` is the NumPy path's time predicted from the update count, batch size, network size
 and scoring rows (``estimate_numpy_s``: within ~15 % of measured on the default network; it
 underestimates sigmoid and overestimates large networks at large batches, where numba is slower
 anyway); ``share`` is the numba path's time as a share of the NumPy path's (``NUMBA_SHARE``: for
-relu on the default network 0.3 at batch size 1, 0.9 from 32; on digits' 0.75 at 1, above 1 from 4).
-So with a warm cache a relu group at batch size 1 needs about 1 s of NumPy work to go to
-numba, at batch size 32 about 7 s; with a cold cache about 6 s at batch size 1 (a batch size of
-grids/full.yaml is ~6.5 s there). A small grid never waits for a compile it cannot win back;
-the first group big enough compiles once for the machine (``python -m
-harness.engines.kernel_stack`` compiles ahead of a run). The start-up is counted against every
-group, not just a process's first (a process that has loaded numba would not pay again), so that
-a group takes the same path in every worker, whatever that worker ran before.
+relu on the default network 0.25 at batch size 1, 0.7 at 32; on digits' 0.75 at 1, above 1 from 4).
+
+*For a run* (``plan``, what the driver sends with each task: ``attach``), the groups that save
+most go to numba as long as their savings together exceed the start-up of every process they
+occupy (at most the run's slots): every batch size of grids/full.yaml saves 0.4-5 s, and all ten
+go, where the per-group rule below sent only the five smallest batch sizes. The plan depends
+only on the grid, the slots and the cache's state, so a group takes the same path in every
+worker, whatever that worker ran before.
+
+*For a group on its own* (``choose_kernel``: a group trained outside a run, a test, a notebook),
+it goes to numba when its own saving exceeds the start-up. So with a warm cache a relu group at
+batch size 1 needs about 1 s of NumPy work to go to numba; with a cold cache about 8 s. A small
+grid never waits for a compile it cannot win back; a run big enough compiles once for the
+machine (``python -m harness.engines.kernel_stack`` compiles ahead of a run).
 
 ``HARNESS_FUSED_KERNEL`` (numpy, numba or auto, the default), or ``train_fused(kernel=...)``,
 overrides the rule: the tests run the whole fused suite on each path with it.
@@ -44,8 +49,14 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 from harness import cachedir
+from harness.clock import eval_points
+from harness.engines.stack import n_params
+from harness.grid import TrialSpec
+from harness.problem import data_shape, make_data
+from harness.work import group_key
 
 KERNELS = ("numpy", "numba")
 CHOICES = ("auto", *KERNELS)
@@ -121,6 +132,58 @@ def numba_share(batch_size: int, activation: str, weights: int = SHARE_WEIGHTS[0
     return _interpolate(math.log2(weights), tuple(math.log2(p) for p in SHARE_WEIGHTS), (small, large))
 
 
+def group_size(specs: Sequence[TrialSpec]) -> GroupSize:
+    """What the estimate needs to know about a group of specs (one ``work.group_key``)."""
+    spec = specs[0]
+    problem = spec.problem
+    n_features, n_classes = data_shape(problem)
+    shape = (n_features, *[spec.model.hidden_units] * spec.model.depth, n_classes)
+    return GroupSize(models=len(specs), batch_size=spec.batch_size, n_train=problem.n_train, epochs=spec.train.epochs,
+                     weights=n_params(shape), eval_rows=sum(len(x) for x, _ in make_data(problem).splits().values()),
+                     eval_points=len(eval_points(spec)), activation=spec.model.activation)
+
+
+def numba_supports(spec: TrialSpec) -> bool:
+    """The kernels train networks of one hidden layer, with every optimizer option; deeper
+    networks take the NumPy path."""
+    return spec.model.depth == 1
+
+
+def plan(groups: Sequence[Sequence[TrialSpec]], slots: int) -> list[str]:
+    """A path for each fused group of a run (``groups``: each one ``work.group_key``), chosen for
+    the run as a whole: the driver's choice, sent with each task (``attach``). numba's start-up
+    is paid once per process that loads it, and a run's groups share ``slots`` processes, so the
+    groups that save most go to numba as long as their savings together exceed the start-up of
+    every process they would occupy (at most ``slots``); groups numba can't train, or that
+    would not gain, stay on NumPy. Deterministic for a grid, its slots and the cache's state.
+    ``HARNESS_FUSED_KERNEL`` overrides it in the workers, as it overrides ``choose_kernel``."""
+    paths = ["numpy"] * len(groups)
+    if not groups or importlib.util.find_spec("numba") is None:
+        return paths
+    saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups) if numba_supports(group[0])}
+    start_s = WARM_START_S if kernels_cached() else COLD_START_S
+    best, net, total = 0, 0.0, 0.0
+    order = sorted((i for i in saving if saving[i] > 0), key=lambda i: -saving[i])
+    for k, i in enumerate(order, 1):
+        total += saving[i]
+        if total - start_s * min(slots, k) > net:
+            best, net = k, total - start_s * min(slots, k)
+    for i in order[:best]:
+        paths[i] = "numba"
+    return paths
+
+
+def attach(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> None:
+    """Sets ``kernel`` (``plan``'s path) on each fused task that can carry it (``initial.Unit``),
+    which ``fused.train_fused`` follows. A task split from a group takes the group's path."""
+    fused = [t for t in tasks if t and t[0].train.engine == "fused" and hasattr(t, "initial")]
+    keys = list(dict.fromkeys(group_key(t[0]) for t in fused))
+    whole = {key: [s for t in fused if group_key(t[0]) == key for s in t] for key in keys}
+    paths = dict(zip(keys, plan([whole[key] for key in keys], slots)))
+    for task in fused:
+        task.kernel = paths[group_key(task[0])]
+
+
 def choose_kernel(g: GroupSize, requested: str | None = None) -> str:
     """"numpy" or "numba" for a group: ``requested`` (or $HARNESS_FUSED_KERNEL) when it names a
     path, else the rule of the module docstring."""
@@ -133,8 +196,12 @@ def choose_kernel(g: GroupSize, requested: str | None = None) -> str:
     if importlib.util.find_spec("numba") is None:
         return "numpy"
     start_s = WARM_START_S if kernels_cached() else COLD_START_S
-    saved_s = estimate_numpy_s(g) * (1.0 - numba_share(g.batch_size, g.activation, g.weights))
-    return "numba" if saved_s > start_s else "numpy"
+    return "numba" if saving_s(g) > start_s else "numpy"
+
+
+def saving_s(g: GroupSize) -> float:
+    """Seconds the numba path saves a group, start-up aside (negative where it is slower)."""
+    return estimate_numpy_s(g) * (1.0 - numba_share(g.batch_size, g.activation, g.weights))
 
 
 @lru_cache(maxsize=1)
