@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from harness.grid import TrialSpec
 from harness.schema import utc_now
 
@@ -114,6 +116,13 @@ def _finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def blown(loss, held_out, limit):
+    """Whether a training loss has blown up, beside the held-out loss measured with it: either is
+    not finite, or the training loss is above ``limit``. Floats, or arrays (the fused engine
+    checks a whole stack at once)."""
+    return ~np.isfinite(loss) | ~np.isfinite(held_out) | (loss > limit)
+
+
 def blow_up(spec: TrialSpec, points: Sequence[PointRecord], records: Sequence[EpochRecord]) -> int | None:
     """The first update at which the trial has blown up, or None: a non-finite loss, or a
     training loss above ``divergence_factor`` times the initial one (point 0), on all training
@@ -121,8 +130,8 @@ def blow_up(spec: TrialSpec, points: Sequence[PointRecord], records: Sequence[Ep
     points; it counts at the epoch's end). A finite blow-up counts as much as a NaN: such a run
     ends as a collapsed model, not a trained one."""
     limit = spec.train.divergence_factor * points[0].train_loss if points else math.inf
-    bad = [p.updates for p in points if not _finite(p.train_loss, p.test_loss) or p.train_loss > limit]
-    bad += [r.updates for r in records if not _finite(r.loss, r.val_loss) or r.loss > limit]
+    bad = [p.updates for p in points if blown(p.train_loss, p.test_loss, limit)]
+    bad += [r.updates for r in records if blown(r.loss, r.val_loss, limit)]
     return min(bad, default=None)
 
 

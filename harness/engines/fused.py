@@ -41,8 +41,8 @@ from harness.engines.stack import Shape, Stack, Weights, argmax_classes, softmax
 from harness.noise import noise_if
 from harness.grid import TrialSpec
 from harness import initial
-from harness.problem import data_shape, epoch_batches, make_data, pin_threads
-from harness.results import EpochRecord, PointRecord, TrialResult, blow_up, make_point, summarize
+from harness.problem import batch_order, data_shape, make_data, pin_threads
+from harness.results import EpochRecord, PointRecord, TrialResult, blown, make_point, summarize
 from harness.schema import utc_now
 from harness.work import group_key
 
@@ -95,9 +95,10 @@ def _check_group(specs: Sequence[TrialSpec]) -> None:
                          "(build groups with harness.work.group_specs)")
 
 
-def _epoch_rows(seeds: Sequence[int], epoch: int, n_train: int, batch_size: int) -> np.ndarray:
-    """[M, n_train] training-row order of each member for one epoch; members share seeds."""
-    orders = {seed: np.concatenate(epoch_batches(seed, epoch, n_train, batch_size)) for seed in set(seeds)}
+def _epoch_rows(seeds: Sequence[int], epoch: int, n_train: int) -> np.ndarray:
+    """[M, n_train] training-row order of each member for one epoch (its ``epoch_batches``, one
+    after the other); members share seeds."""
+    orders = {seed: batch_order(seed, epoch, n_train) for seed in set(seeds)}
     return np.stack([orders[seed] for seed in seeds])
 
 
@@ -105,12 +106,17 @@ class _Clock:
     """Scores every active member at the update clock's points (harness.clock): one batched
     forward pass per split for the whole stack, and the gradient noise over the training rows."""
 
-    def __init__(self, spec: TrialSpec, data, size: int, stack: "Stack | NumbaStack"):
+    def __init__(self, specs: Sequence[TrialSpec], data, stack: "Stack | NumbaStack"):
+        spec, size = specs[0], len(specs)
         self.spec, self.data, self.sorted = spec, data, eval_points(spec)
         self.at, self.noise_at = set(self.sorted.tolist()), set(noise_points(spec).tolist())
         self.splits = {name: stack.eval_input(x, y) for name, (x, y) in data.splits().items()}
         self.points: list[list[PointRecord]] = [[] for _ in range(size)]
         self.test: tuple[np.ndarray, np.ndarray] | None = None  # the latest test scores, for the epoch rows
+        # results.blow_up's rule, checked on the stack's arrays as they come: the limit is each
+        # member's divergence_factor times its point-0 training loss; ``bad`` sticks.
+        self.factor = np.array([s.train.divergence_factor for s in specs], np.float64)
+        self.limit, self.bad = np.full(size, np.inf), np.zeros(size, bool)
 
     def next_after(self, updates: int) -> int:
         """The first point after ``updates`` (past the last one: a number no run reaches)."""
@@ -122,11 +128,21 @@ class _Clock:
         self.test = scores["test"]
         grad_sq, trace = noise_if(updates in self.noise_at, stack.weights(), self.data.x_train, self.data.y_train,
                                   stack.activation)
+        train_loss = scores["train"][0].astype(np.float64)
+        if updates == 0:
+            self.limit[members] = self.factor[members] * train_loss
+        self.check(members, train_loss, scores["test"][0])
         examples = examples_at(self.spec, updates)
-        for row, i in enumerate(members):
+        columns = {name: (loss.tolist(), accuracy.tolist()) for name, (loss, accuracy) in scores.items()}
+        grad_sq, trace = np.asarray(grad_sq).tolist(), np.asarray(trace).tolist()
+        for row, i in enumerate(members.tolist()):
             self.points[i].append(make_point(updates, examples, elapsed, {
-                name: (loss[row], accuracy[row]) for name, (loss, accuracy) in scores.items()},
+                name: (loss[row], accuracy[row]) for name, (loss, accuracy) in columns.items()},
                 grad_sq[row], trace[row]))
+
+    def check(self, members: np.ndarray, loss: np.ndarray, held_out: np.ndarray) -> None:
+        """Marks the members whose training loss blew up (results.blown) beside ``held_out``."""
+        self.bad[members] |= blown(loss, held_out, self.limit[members])
 
 
 def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedTraining:
@@ -153,7 +169,7 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
     # Writable copies: numba compiles read-only arrays (the cached data set's) as another type.
     x1_train, y_train = with_ones(data.x_train), np.array(data.y_train)
     labels = argmax_classes(data.y_train)
-    clock = _Clock(first, data, len(specs), stack)
+    clock = _Clock(specs, data, stack)
     updates = 0
     # A diverging member overflows: that is data, not a warning. Denormals flush to zero as in
     # TensorFlow's threads (engines/denormals: Keras' arithmetic, and no microcode assists).
@@ -161,10 +177,10 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
         clock.record(stack, members, 0, 0.0)
         start = time.perf_counter()
         for epoch in range(n_epochs):
-            rows = _epoch_rows([specs[i].seed for i in members], epoch, n, batch)
+            rows = _epoch_rows([specs[i].seed for i in members], epoch, n)
             logits = np.empty((len(members), n, y_train.shape[1]), np.float32)
             stack.begin_epoch(x1_train, y_train, rows, batch, logits)
-            done, first_point = 0, len(clock.points[members[0]])
+            done = 0
             while done < steps:  # run up to the next clock point; every epoch end is one
                 stop = min(steps, clock.next_after(updates) - (updates - done))
                 stack.run(done, stop)
@@ -173,16 +189,12 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
                     clock.record(stack, members, updates, time.perf_counter() - start)
             loss, accuracy = _epoch_metrics(logits, np.take(y_train, rows, axis=0), np.take(labels, rows), batch)
             val_loss, val_accuracy = clock.test
+            clock.check(members, loss, val_loss)  # the epoch's running mean sees between the points
             elapsed = time.perf_counter() - start
-            for row, i in enumerate(members):
-                records[i].append(EpochRecord(
-                    epoch=epoch + 1, loss=float(loss[row]), accuracy=float(accuracy[row]),
-                    val_loss=float(val_loss[row]), val_accuracy=float(val_accuracy[row]),
-                    elapsed_s=elapsed, updates=updates))
-            # Only this epoch's points and record are new (earlier ones passed), and point 0 sets
-            # the limit: checking all of them every epoch would cost O(epochs^2) per member.
-            alive = np.array([blow_up(specs[i], clock.points[i][:1] + clock.points[i][first_point:], records[i][-1:])
-                              is None for i in members])
+            for i, *values in zip(members.tolist(), loss.tolist(), accuracy.tolist(), val_loss.tolist(),
+                                  val_accuracy.tolist()):
+                records[i].append(EpochRecord(epoch + 1, *values, elapsed_s=elapsed, updates=updates))
+            alive = ~clock.bad[members]
             if not alive.all():
                 # Blown-up members stop here, as Keras stops them; the others are untouched
                 # (every op is per model), and the stack shrinks so they cost nothing more.

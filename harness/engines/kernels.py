@@ -36,26 +36,6 @@ from harness.engines.kernel_math import (ADAM, JIT, ONE, RELU, SGD, TANH, ZERO, 
                                          sigmoid, sigmoid_grad, tanh, tanh_grad)
 
 
-@numba.njit(**JIT)
-def _lanes_sum(lanes, pairwise):
-    """The 16 partial sums of a dot product reduced as the BLAS kernel does (see docstring)."""
-    if pairwise:
-        for l in range(8):
-            lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
-        for l in range(4):
-            lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
-        lanes[0] = lanes[0] + lanes[1]
-        lanes[1] = lanes[2] + lanes[3]
-    else:
-        for l in range(8):
-            lanes[l] = lanes[l] + lanes[l + 8]
-        for l in range(4):
-            lanes[l] = lanes[l] + lanes[l + 4]
-        lanes[0] = lanes[0] + lanes[2]
-        lanes[1] = lanes[1] + lanes[3]
-    return lanes[0] + lanes[1]
-
-
 # One parameter's update by optimizers.apply's rule, rounding as it rounds: the new weight and
 # states from the weight, its gradient and the states the rule keeps (SGD: its velocity v;
 # Adam: m as v and its v as s; RMSprop: its v as s). Scalar functions, each called from loops of
@@ -98,7 +78,8 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
     F1, H, C = W1s.shape[1], W1s.shape[2], W2s.shape[1]
     xb, yb = np.empty((batch, F1), f32), np.empty((batch, C), f32)
     z1, a1, dz = np.empty((batch, H), f32), np.empty((batch, H), f32), np.empty((batch, H), f32)
-    p, e, lanes = np.empty((batch, C), f32), np.empty(C, f32), np.empty(16, f32)
+    p, e, lanes = np.empty((C, batch), f32), np.empty((C, batch), f32), np.empty(16, f32)
+    mxv, tot = np.empty(batch, f32), np.empty(batch, f32)
     gW1, gW2, gb2 = np.empty((F1, H), f32), np.empty((C, H), f32), np.empty(C, f32)
     t2, t4, t8 = H & ~1, H & ~3, H & ~7
     gemv = exact and C == 3
@@ -144,7 +125,7 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                             t = t + fmaf(a1[r, k], W2s[m, c, k], a1[r, k + 1] * W2s[m, c, k + 1])
                         for k in range(t4, H):
                             t = fmaf(a1[r, k], W2s[m, c, k], t)
-                        p[r, c] = t + B2s[m, c]
+                        p[c, r] = t + B2s[m, c]
                 else:
                     for c in range(C):
                         for l in range(16):
@@ -155,35 +136,60 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                         k0 = H - H % 16
                         for l in range(H % 16):
                             lanes[l] = fmaf(a1[r, k0 + l], W2s[m, c, k0 + l], lanes[l])
-                        p[r, c] = _lanes_sum(lanes, exact and r < blocks) + B2s[m, c]
+                        # The 16 partial sums reduced as the BLAS kernel does (module docstring);
+                        # inline, not a function: numba would reference-count the array passed.
+                        if exact and r < blocks:
+                            for l in range(8):
+                                lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
+                            for l in range(4):
+                                lanes[l] = lanes[2 * l] + lanes[2 * l + 1]
+                            lanes[0] = lanes[0] + lanes[1]
+                            lanes[1] = lanes[2] + lanes[3]
+                        else:
+                            for l in range(8):
+                                lanes[l] = lanes[l] + lanes[l + 8]
+                            for l in range(4):
+                                lanes[l] = lanes[l] + lanes[l + 4]
+                            lanes[0] = lanes[0] + lanes[2]
+                            lanes[1] = lanes[1] + lanes[3]
+                        p[c, r] = (lanes[0] + lanes[1]) + B2s[m, c]
                 for c in range(C):
-                    logits[m, i0 + r, c] = p[r, c]
-                # dLoss/dlogits = (softmax - y) / b, the softmax shifted by the row max as TF does
-                mx = p[r, 0]
-                for c in range(1, C):
-                    mx = mx if (mx >= p[r, c] or mx != mx) else p[r, c]  # np.maximum: NaN wins
-                for c in range(C):
-                    e[c] = np_expf(p[r, c] - mx)
-                total = e[0]
-                for c in range(1, C):
-                    total = total + e[c]
-                for c in range(C):
-                    q = e[c] / total - yb[r, c]
-                    p[r, c] = q * inv_b if b > 1 else q  # the NumPy path skips * 1/1 at batch 1
+                    logits[m, i0 + r, c] = p[c, r]
+            # dLoss/dlogits = (softmax - y) / b, the softmax shifted by the row max as TF does;
+            # a class at a time over the batch's rows, so that the loops vectorize
+            for r in range(b):
+                mxv[r] = p[0, r]
+            for c in range(1, C):
+                for r in range(b):
+                    v = p[c, r]
+                    mxv[r] = mxv[r] if (mxv[r] >= v or mxv[r] != mxv[r]) else v  # np.maximum: NaN wins
+            for c in range(C):
+                for r in range(b):
+                    e[c, r] = np_expf(p[c, r] - mxv[r])
+            for r in range(b):
+                tot[r] = e[0, r]
+            for c in range(1, C):
+                for r in range(b):
+                    tot[r] = tot[r] + e[c, r]
+            for c in range(C):
+                for r in range(b):
+                    q = e[c, r] / tot[r] - yb[r, c]
+                    p[c, r] = q * inv_b if b > 1 else q  # the NumPy path skips * 1/1 at batch 1
+            for r in range(b):
                 # da1 = p @ W2^T, then through the activation
                 for h in range(H):
-                    dz[r, h] = p[r, 0] * W2s[m, 0, h]
+                    dz[r, h] = p[0, r] * W2s[m, 0, h]
                 for c in range(1, C):
-                    pc = p[r, c]
+                    pc = p[c, r]
                     for h in range(H):
                         dz[r, h] = fmaf(pc, W2s[m, c, h], dz[r, h])
                 if gemv and b == 1:  # sgemv_t's tail blocks sum the three classes in other orders
                     for h in range(t8, H):
                         w0, w1, w2 = W2s[m, 0, h], W2s[m, 1, h], W2s[m, 2, h]
                         if t4 <= h < t2:
-                            dz[r, h] = (w0 * p[r, 0] + w1 * p[r, 1]) + w2 * p[r, 2]
+                            dz[r, h] = (w0 * p[0, r] + w1 * p[1, r]) + w2 * p[2, r]
                         else:
-                            dz[r, h] = fmaf(w2, p[r, 2], fmaf(w0, p[r, 0], w1 * p[r, 1]))
+                            dz[r, h] = fmaf(w2, p[2, r], fmaf(w0, p[0, r], w1 * p[1, r]))
                 if act == RELU:
                     for h in range(H):
                         dz[r, h] = relu_grad(z1[r, h], dz[r, h])
@@ -196,10 +202,10 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
             # weight gradients, sequential over the batch rows
             for c in range(C):
                 for h in range(H):
-                    gW2[c, h] = a1[0, h] * p[0, c]
-                acc = p[0, c]
+                    gW2[c, h] = a1[0, h] * p[c, 0]
+                acc = p[c, 0]
                 for r in range(1, b):
-                    pc = p[r, c]
+                    pc = p[c, r]
                     for h in range(H):
                         gW2[c, h] = fmaf(a1[r, h], pc, gW2[c, h])
                     acc = acc + pc

@@ -146,7 +146,7 @@ def test_steps(benchmark, batch_size, kernel):
     data = make_data(specs[0].problem)
     n, epochs, steps = specs[0].problem.n_train, specs[0].train.epochs, specs[0].updates_per_epoch
     x1, y = fused.with_ones(data.x_train), np.array(data.y_train)
-    orders = [fused._epoch_rows([s.seed for s in specs], epoch, n, batch_size) for epoch in range(epochs)]
+    orders = [fused._epoch_rows([s.seed for s in specs], epoch, n) for epoch in range(epochs)]
     logits = np.empty((len(specs), n, y.shape[1]), np.float32)
 
     def train():
@@ -186,7 +186,7 @@ def test_steps_late(benchmark, kernel, flush):
 
     def train(epoch: int = LATE_EPOCHS):
         with denormals.flushed() if flush else contextlib.nullcontext():
-            stack.begin_epoch(x1, y, fused._epoch_rows([s.seed for s in specs], epoch, n, 1), 1, logits)
+            stack.begin_epoch(x1, y, fused._epoch_rows([s.seed for s in specs], epoch, n), 1, logits)
             stack.run(0, n)
 
     for epoch in range(LATE_EPOCHS):  # untimed
