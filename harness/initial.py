@@ -102,7 +102,7 @@ class DrawError(RuntimeError):
     """Drawing initial weights failed; the message is the drawing process's last line."""
 
 
-def prepare(specs: Iterable[TrialSpec]) -> dict[Key, np.ndarray]:
+def prepare(specs: Iterable[TrialSpec], environ: dict[str, str] | None = None) -> dict[Key, np.ndarray]:
     """Every fused spec's initial weights by key, read from the cache or drawn. What is missing
     is drawn in a child process (``python -m harness.initial``): the driver never imports
     TensorFlow for it, and TensorFlow's start-up lines stay in the child's captured stderr."""
@@ -118,7 +118,8 @@ def prepare(specs: Iterable[TrialSpec]) -> dict[Key, np.ndarray]:
         else:
             table[key] = weights
     if missing:
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
+        base = os.environ if environ is None else environ  # the child's environment, TF quieted
+        env = {**base, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
         child = subprocess.run([sys.executable, "-m", "harness.initial"], input=pickle.dumps([s for _, s in missing]),
                                capture_output=True, env=env, check=False)
         if child.returncode:
@@ -157,12 +158,14 @@ class Preparing:
     def __init__(self, specs: Sequence[TrialSpec]):
         self._table: dict[Key, np.ndarray] = {}
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(list(specs),), daemon=True, name="initial-weights")
+        # The environment as it is now: the driver sets Ray's workers' while Ray starts.
+        self._thread = threading.Thread(target=self._run, args=(list(specs), dict(os.environ)), daemon=True,
+                                        name="initial-weights")
         self._thread.start()
 
-    def _run(self, specs: list[TrialSpec]) -> None:
+    def _run(self, specs: list[TrialSpec], environ: dict[str, str]) -> None:
         try:
-            self._table = prepare(specs)
+            self._table = prepare(specs, environ)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
             self._error = exc
 

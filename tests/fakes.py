@@ -58,3 +58,9 @@ def timed_work(marker_dir, group):
     time.sleep(1.0)  # long enough that a second, already-started worker overlaps it
     Path(marker_dir, group[0].trial_id).write_text(f"{start} {time.time()}")
     return instant_work(group)
+
+
+def environment(group):
+    """What a worker's environment says of the thread budget and TensorFlow's logging."""
+    return [{key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "HARNESS_THREADS_PER_TRIAL",
+                                                  "TF_CPP_MIN_LOG_LEVEL")}]

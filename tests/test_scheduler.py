@@ -117,3 +117,28 @@ def test_no_stray_colour_reset_line_on_a_terminal(unhook):
                           timeout=120, cwd=str(REPO))
     assert proc.returncode == 0 and b"summary" in proc.stdout, proc.stdout + proc.stderr
     assert (b"\x1b[0m" in proc.stdout) is not unhook  # without the unhook the stray code is there
+
+
+def test_private_ray_workers_get_the_trial_environment_and_the_driver_keeps_its_own():
+    """A private instance's workers inherit the thread budget from the driver while Ray starts
+    (so tasks carry no runtime env); the driver's own environment is as it was afterwards. In a
+    fresh process: this session's tests share a Ray already started."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, os; import fakes; from harness.scheduler import RayBackend; "
+            "os.environ['OMP_NUM_THREADS'] = '7'; os.environ.pop('HARNESS_THREADS_PER_TRIAL', None); "
+            "seen = [r for b in RayBackend(num_cpus=2).run([('a',), ('b',)], work=fakes.environment) for r in b]; "
+            "print(json.dumps({'workers': seen, 'driver': [os.environ.get('OMP_NUM_THREADS'), "
+            "os.environ.get('HARNESS_THREADS_PER_TRIAL')]}))")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=str(REPO),
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["workers"] == [{"OMP_NUM_THREADS": "1", "HARNESS_THREADS_PER_TRIAL": "1",
+                                "TF_CPP_MIN_LOG_LEVEL": "2"}] * 2
+    assert seen["driver"] == ["7", None]
