@@ -53,13 +53,12 @@ def make_point(updates: int, examples_seen: int, elapsed_s: float, scores: dict[
                grad_sq: float, trace_sigma: float) -> PointRecord:
     """A point from (loss, accuracy) per split name (train, val, test; a missing split is NaN)
     and the gradient noise statistics; both engines build their points here."""
-    nan = (math.nan, math.nan)
-    (train_loss, train_accuracy), (val_loss, val_accuracy), (test_loss, test_accuracy) = (
-        tuple(float(v) for v in scores.get(split, nan)) for split in ("train", "val", "test"))
+    nan = (math.nan, math.nan)  # unrolled, not a loop over the splits: the fused engine makes ~7,000 a group
+    train, val, test = scores.get("train", nan), scores.get("val", nan), scores.get("test", nan)
     grad_sq, trace_sigma = float(grad_sq), float(trace_sigma)
     return PointRecord(updates=int(updates), examples_seen=int(examples_seen), elapsed_s=float(elapsed_s),
-                       train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
-                       val_accuracy=val_accuracy, test_loss=test_loss, test_accuracy=test_accuracy,
+                       train_loss=float(train[0]), train_accuracy=float(train[1]), val_loss=float(val[0]),
+                       val_accuracy=float(val[1]), test_loss=float(test[0]), test_accuracy=float(test[1]),
                        grad_sq=grad_sq, trace_sigma=trace_sigma,
                        b_simple=trace_sigma / grad_sq if grad_sq != 0 else math.inf)
 
