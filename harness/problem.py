@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import datasets
-from harness.cachedir import save_atomic
+from harness.cachedir import cache_dir, save_atomic
 from harness.config import ModelConfig, ProblemConfig
 
 
@@ -53,8 +53,6 @@ CACHED_DATA_SETS = ("blobs", "moons", "circles", "classification", "digits")
 @lru_cache(maxsize=1)
 def _data_folder() -> Path:
     """One folder per scikit-learn and NumPy version and per version of our loaders' code."""
-    from harness.cachedir import cache_dir
-
     code = hashlib.sha256(Path(datasets.__file__).read_bytes()).hexdigest()[:12]
     return cache_dir("harness-data", f"sklearn{importlib.metadata.version('scikit-learn')}-"
                                      f"numpy{np.__version__}-{code}")

@@ -364,8 +364,9 @@ def test_results_say_which_path_trained_them(monkeypatch):
 
 
 def spec_group(batch_size: int, models: int = 2, depth: int = 1) -> list[TrialSpec]:
-    return [TrialSpec(problem=ProblemConfig(), model=ModelConfig(depth=depth), train=TrainConfig(epochs=2, engine="fused"),
-                      batch_size=batch_size, learning_rate=0.01, seed=seed) for seed in range(models)]
+    return [TrialSpec(problem=ProblemConfig(), model=ModelConfig(depth=depth),
+                      train=TrainConfig(epochs=2, engine="fused"), batch_size=batch_size, learning_rate=0.01, seed=seed)
+            for seed in range(models)]
 
 
 def test_run_plan_pays_numba_start_up_once_per_process(monkeypatch):

@@ -20,8 +20,10 @@ compile them, ~5.7 s). The driver chooses a path per group for the whole run
 (``kernel_choice.plan``: numba where the savings exceed the start-up of the processes that pay
 it), sent with the task; a group trained on its own goes to numba only when its own saving
 exceeds that start-up (``choose_kernel``), so a small grid never waits for a compile;
-$HARNESS_FUSED_KERNEL or ``train_fused(kernel=...)`` force a path. Either way the stack's interface is the same:
-``begin_epoch``/``run`` train, ``evaluate`` scores, ``weights`` and ``select`` read and shrink it.
+$HARNESS_FUSED_KERNEL or ``train_fused(kernel=...)`` force a path. Either way the stack's
+interface is the same: ``begin_epoch``/``run`` train, ``evaluate`` scores, ``weights`` and
+``select`` read and shrink it. Both paths train with denormals flushed to zero, as TensorFlow
+does (``denormals``).
 """
 from __future__ import annotations
 

@@ -268,9 +268,8 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     M, F1, H = W1s.shape
     C, N = W2s.shape[1], x1T.shape[1]
     z, lg, ex = np.empty(N, f32), np.empty((C, N), f32), np.empty((C, N), f32)
-    mx, total, lse, row_loss, best = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), \
-        np.empty(N, f32)
-    index = np.empty(N, np.int64)
+    mx, total, lse = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32)
+    row_loss, best, index = np.empty(N, f32), np.empty(N, f32), np.empty(N, np.int64)
     loss, accuracy = np.empty(M, f32), np.empty(M, np.float64)
     for m in range(M):
         for c in range(C):
