@@ -235,8 +235,12 @@ def with_derived(trials: pd.DataFrame) -> pd.DataFrame:
     for col in (*CLOCKS.values(), "curve_noise"):
         if col not in out:
             out[col] = math.nan
-    out["epoch_s"] = out["wall_clock_s"] / out["epochs_run"].where(out["epochs_run"] > 0)
     out["timing"] = timing_kind(out)
+    # A fused group's time is shared equally among its members, so a member that diverged in its
+    # first epochs carries a whole share over a few epochs: as seconds per epoch that would read
+    # tens of times the group's. Such rows are left out (NaN); a trial timed alone keeps its own.
+    per_epoch = out["wall_clock_s"] / out["epochs_run"].where(out["epochs_run"] > 0)
+    out["epoch_s"] = per_epoch.where((out["timing"] != AMORTIZED) | (out["status"] == "ok"))
     return out
 
 

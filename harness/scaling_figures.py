@@ -152,14 +152,15 @@ def plot_training_speed(trials: pd.DataFrame, epochs: pd.DataFrame, target: floa
                       loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         ax_acc.set_title("time to accuracy, fastest lr per batch size", fontsize="medium")
         ax_trial.set_title("wall clock per trial (ok trials)", fontsize="medium")
-        ax_epoch.set_title("wall clock per epoch", fontsize="medium")
+        ax_epoch.set_title("wall clock per epoch (fused groups: ok trials)" if analysis.AMORTIZED in kinds
+                           else "wall clock per epoch", fontsize="medium")
         caption = (f"left and middle: the trials of all {trials['learning_rate'].nunique()} learning rates pooled per "
                    "batch size (mean, 95% CI); right: one learning rate per batch size (the fastest to the target, "
                    "else the most accurate), the others left out")
         if analysis.AMORTIZED in kinds:
-            caption += ("\namortized = a fused group's time divided by its size, not an isolated measurement; "
-                        "it never enters the time-to-accuracy panel, which needs a timing probe (timing_probe: true) "
-                        "for fused trials")
+            caption += ("\namortized = a fused group's time divided by its size, not an isolated measurement (per epoch: "
+                        "ok trials only, a diverged member's share covers the others' epochs); it never enters the "
+                        "time-to-accuracy panel, which needs a timing probe (timing_probe: true) for fused trials")
         add_caption(fig, caption)
         add_title(fig, "Training speed", note)
     return fig

@@ -434,3 +434,14 @@ def test_end_to_end_run_then_report(tmp_path, capsys):
     assert "planned grid unknown" not in report  # the run's grid file was found through runs/*.json
     assert "target accuracy 0.75 (on the validation split" in report and "fused groups" in report
     assert (out / "summary.md").read_text().startswith("| batch size | lr |")
+
+
+def test_seconds_per_epoch_leaves_out_diverged_members_of_fused_groups():
+    """A fused member's time is the group's share; one that diverged after 2 of 200 epochs would
+    read 100 times the group's seconds per epoch. A trial timed alone keeps its own clock."""
+    from harness.analysis import with_derived
+
+    trials = pd.DataFrame({"status": ["ok", "diverged", "ok", "diverged"], "group_size": [35, 35, 1, 1],
+                           "wall_clock_s": [2.0, 2.0, 4.0, 0.5], "epochs_run": [200, 2, 200, 5]})
+    got = with_derived(trials)["epoch_s"].tolist()
+    assert got[0] == 0.01 and math.isnan(got[1]) and got[2] == 0.02 and got[3] == 0.1
