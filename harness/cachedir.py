@@ -3,6 +3,7 @@ weights): a folder per kind under the user's cache directory, else the temporary
 when the home directory is not writable (a Ray worker or a CI runner without one)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +36,12 @@ def save_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     OSError is swallowed."""
     try:
         handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return
+    try:
         with os.fdopen(handle, "wb") as out:
             write(out)
         os.replace(tmp, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a full disk leaves no half-written temporary behind

@@ -72,7 +72,7 @@ def _cached(key: Key) -> np.ndarray | None:
     """The key's weights from the cache; None when they are not there (or unreadable)."""
     try:
         return np.load(_path(key))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, or damaged (an empty file is EOFError)
         return None
 
 

@@ -10,6 +10,7 @@ import importlib.metadata
 import logging
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -71,7 +72,7 @@ def _arrays(problem: ProblemConfig) -> datasets.Arrays:
     try:
         with np.load(path) as kept:
             return kept["x"], kept["labels"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # missing or damaged: made again
         x, labels = datasets.load_arrays(problem)
         save_atomic(path, lambda out: np.savez(out, x=x, labels=labels))
         return x, labels

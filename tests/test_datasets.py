@@ -317,3 +317,17 @@ def test_plot_data_set_on_digits_shows_a_pca_projection():
     assert "PCA" in title and "digits" in title and "10 classes" in title and "1797 rows" in title
     assert [ax.get_title() for ax in fig.axes if ax.get_title()] == \
            ["train: 1000 points", "val: 300 points", "test: 497 points"]
+
+
+def test_a_damaged_data_cache_file_is_made_again(data_cache):
+    from harness import problem
+
+    config = problem_from()
+    made = problem._arrays(config)
+    (kept,) = data_cache.rglob("*.npz")
+    for damage in (b"", b"not a zip at all", kept.read_bytes()[:100]):
+        kept.write_bytes(damage)
+        again = problem._arrays(config)
+        for a, b in zip(made, again):
+            np.testing.assert_array_equal(a, b)
+        assert len(kept.read_bytes()) > 100  # rewritten whole

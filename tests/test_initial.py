@@ -48,6 +48,15 @@ def test_prepare_draws_what_keras_draws_then_reads_the_cache(empty_cache, monkey
     assert all(np.array_equal(again[k], table[k]) for k in table)
 
 
+def test_a_damaged_cache_file_is_drawn_again(empty_cache):
+    first = initial.prepare([spec(0)])
+    (kept,) = empty_cache.glob("*/*.npy")
+    for damage in (b"", kept.read_bytes()[:40]):  # empty (EOFError), truncated (ValueError)
+        kept.write_bytes(damage)
+        again = initial.prepare([spec(0)])
+        np.testing.assert_array_equal(next(iter(again.values())), next(iter(first.values())))
+
+
 def test_a_failed_draw_is_one_line(empty_cache, monkeypatch):
     monkeypatch.setattr(initial.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 1, b"", b"Traceback (most recent call last):\n  ...\nImportError: no tensorflow here\n"))
