@@ -1,7 +1,8 @@
 """Whole runs as a user starts them: ``python -m harness.run GRID`` in a fresh process, from the
 command to its exit (Ray's start and stop, the workers' imports, numba's start-up, writing and
 compacting included), for the grids the speed goals name: grids/full.yaml (350 trials x 200
-epochs), grids/smoke.yaml and the 16-trial, 20-epoch grid a Ray Tune user would run.
+epochs, on the epoch clock and on the geometric clock with the gradient noise scale),
+grids/smoke.yaml and the 16-trial, 20-epoch grid a Ray Tune user would run.
 
 Each benchmark's ``extra_info`` splits its last run by the times its results carry, so the
 shares are ratios from one run: when the first trial finished, the training window (the first
@@ -30,6 +31,9 @@ TUNE_GRID = {"name": "tune16", "train": {"epochs": 20, "engine": "fused"},
              "sweep": {"batch_size": [4, 16, 64, 256], "learning_rate": [0.01, 0.1], "seed": [0, 1]}}
 RUNS = {  # name: (grid file, or None for TUNE_GRID; command-line overrides)
     "full": ("grids/full.yaml", ["train.epochs=5"] if QUICK else []),
+    # The science's clock: points per octave of updates (4 by default) beside the epoch ends,
+    # the gradient noise scale at each of them; what it costs over the epoch clock is budgeted here.
+    "full-geometric": ("grids/full.yaml", ["train.eval_schedule=geometric", *(["train.epochs=5"] if QUICK else [])]),
     "smoke": ("grids/smoke.yaml", ["train.engine=fused"]),
     "tune16": (None, []),
 }
