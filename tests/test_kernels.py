@@ -428,3 +428,29 @@ def test_driver_attaches_the_run_plan_to_fused_tasks(monkeypatch, tmp_path):
     run_study(grid, tmp_path, SerialBackend(), progress=False)
     versions = read_table(tmp_path, "trials")["engine_version"].to_pylist()
     assert len(versions) == 4 and all("numba" in v for v in versions)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_numba_gradient_noise_equals_the_exact_estimator(activation):
+    """The numba stack's noise scale against noise.mlp_noise_scale (float64, the full per-example
+    gradients), to float32 rounding as the NumPy path is (tests/test_noise.py); a diverged
+    member's is NaN and leaves its neighbours alone."""
+    from harness.noise import mlp_noise_scale
+
+    rng = np.random.default_rng(7)
+    shape, m = (2, 50, 3), 4
+    theta = np.concatenate([rng.normal(0, 1 / np.sqrt(2), (m, 2 * 50)), rng.normal(0, 0.1, (m, 50)),
+                            rng.normal(0, 1 / np.sqrt(50), (m, 50 * 3)), rng.normal(0, 0.1, (m, 3))], axis=1)
+    theta = theta.astype(np.float32)
+    theta[3, 0] = np.nan
+    specs = [TrialSpec(problem=ProblemConfig(), model=ModelConfig(activation=activation),
+                       train=TrainConfig(epochs=1, engine="fused"), batch_size=50, learning_rate=0.01, seed=s)
+             for s in range(m)]
+    numba_stack = fused._make_stack("numba", theta, Hyper.from_specs(specs), shape, activation)
+    x = rng.normal(0, 2, (300, 2)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 300)]
+    got_g, got_t = numba_stack.gradient_noise(x, y)
+    want_g, want_t = mlp_noise_scale([w.astype(np.float64) for w in numba_stack.weights()], x, y, activation)
+    np.testing.assert_allclose(got_g[:3], want_g[:3], rtol=2e-5)
+    np.testing.assert_allclose(got_t[:3], want_t[:3], rtol=2e-5)
+    assert np.all(want_t[:3] / want_g[:3] > 0.5) and np.isnan(got_g[3]) and np.isnan(got_t[3])

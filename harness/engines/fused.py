@@ -16,7 +16,7 @@ runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this 
 default network (tests/test_kernels.py says where), for networks of one hidden layer with any
 optimizer option (``numba_supports``); it costs a start-up per
 process (import numba and load the compiled kernels, ~0.65 s; the first time on a machine,
-compile them, ~5.7 s). The driver chooses a path per group for the whole run
+compile them, ~6 s). The driver chooses a path per group for the whole run
 (``kernel_choice.plan``: numba where the savings exceed the start-up of the processes that pay
 it), sent with the task; a group trained on its own goes to numba only when its own saving
 exceeds that start-up (``choose_kernel``), so a small grid never waits for a compile;
@@ -40,7 +40,6 @@ from harness.engines import denormals
 from harness.engines.kernel_choice import ENV_VAR, choose_kernel, group_size, numba_supports
 from harness.engines.optimizers import Hyper, new_state
 from harness.engines.stack import Shape, Stack, Weights, argmax_classes, softmax_xent, with_ones
-from harness.noise import noise_if
 from harness.grid import TrialSpec
 from harness import initial
 from harness.problem import batch_order, data_shape, make_data, pin_threads
@@ -128,8 +127,10 @@ class _Clock:
     def record(self, stack: "Stack | NumbaStack", members: np.ndarray, updates: int, elapsed: float) -> None:
         scores = {name: stack.evaluate(*split) for name, split in self.splits.items()}
         self.test = scores["test"]
-        grad_sq, trace = noise_if(updates in self.noise_at, stack.weights(), self.data.x_train, self.data.y_train,
-                                  stack.activation)
+        if updates in self.noise_at:
+            grad_sq, trace = stack.gradient_noise(self.data.x_train, self.data.y_train)
+        else:
+            grad_sq = trace = np.full(len(members), np.nan)
         train_loss = scores["train"][0].astype(np.float64)
         if updates == 0:
             self.limit[members] = self.factor[members] * train_loss

@@ -3,7 +3,7 @@ lives. Imports neither numba nor the kernels: a group that stays on NumPy never 
 
 **The rule.** numba pays off per update but costs a start-up once per process: importing numba
 and loading the compiled kernels from the cache (``WARM_START_S``, 0.65 s), or, the first time
-on a machine, compiling them (``COLD_START_S``, 5.7 s). What a group saves on numba is
+on a machine, compiling them (``COLD_START_S``, 6.3 s). What a group saves on numba is
 estimated from its size (``saving_s``):
 
     saving = numpy_s(group) * (1 - share(batch size, activation, network size))
@@ -61,12 +61,16 @@ from harness.work import group_key
 KERNELS = ("numpy", "numba")
 CHOICES = ("auto", *KERNELS)
 ENV_VAR = "HARNESS_FUSED_KERNEL"
-SOURCES = ("kernel_math.py", "kernels.py")  # the numba code, beside this module
+SOURCES = ("kernel_math.py", "kernels.py", "noise_kernel.py")  # the numba code, beside this module
+# What kernel_stack.load() compiles before a group's clock starts; noise_kernel.gradient_noise
+# compiles (first time on a machine, ~2.4 s) or loads on the first noise measurement instead, so
+# that groups on the epoch clock never wait for it.
+COMPILED = ("kernels.train_steps", "kernels.evaluate")
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):
 WARM_START_S = 0.65  # import numba 0.23 s + import the kernels 0.07 s + load them from the cache 0.33 s
-COLD_START_S = 5.7  # the same, compiling both kernels instead of loading them (5.4 s)
+COLD_START_S = 6.3  # the same, compiling both kernels instead of loading them (5.4-6.5 s in two runs)
 # The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
 # step, per model-row of a batch and per model-row of a scoring pass (both per unit of
 # P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).
@@ -219,10 +223,10 @@ def cache_dir() -> Path:
 
 
 def kernels_cached() -> bool:
-    """Whether both kernels are compiled in ``cache_dir()`` for this Python (numba's index files)."""
+    """Whether the kernels ``load`` compiles are in ``cache_dir()`` for this Python (numba's index files)."""
     try:
         folder = cache_dir()
     except OSError:
         return False
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return all(any(folder.rglob(f"kernels.{name}-*.{tag}.nbi")) for name in ("train_steps", "evaluate"))
+    return all(any(folder.rglob(f"{name}-*.{tag}.nbi")) for name in COMPILED)

@@ -18,6 +18,7 @@ import numpy as np
 
 from harness.engines import optimizers
 from harness.engines.optimizers import Hyper
+from harness.noise import gradient_noise
 
 Weights = tuple[np.ndarray, ...]  # (W1, b1, ..., Wout, bout), each with a leading model axis
 Shape = tuple[int, ...]  # layer widths: (features, hidden..., classes)
@@ -242,6 +243,10 @@ class Stack:
     def eval_input(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A split as the arguments of ``evaluate``."""
         return with_ones(x), y
+
+    def gradient_noise(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(|G|^2 [M], tr(Σ) [M]) of every member over the rows (x, y): noise.gradient_noise."""
+        return gradient_noise(self.weights(), x, y, self.activation)
 
     def evaluate(self, x1: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(loss [M], accuracy [M]) of every model on all rows x1 [N,F+1], y [N,C] at once."""
