@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -122,8 +123,17 @@ def _kind(f: dataclasses.Field) -> type:
 def identity(section: Any) -> dict[str, Any]:
     """A config section as its trial id sees it: every value, but id-neutral ones at their
     default and where a file lives (its content's hash is in)."""
-    return {f.name: getattr(section, f.name) for f in fields(section) if not f.metadata.get("not_in_id")
-            and not (f.metadata.get("id_neutral") and getattr(section, f.name) == f.default)}
+    try:
+        return dict(_identity(section))
+    except TypeError:  # a section built in code with an unhashable value: read it as it is
+        return dict(_identity.__wrapped__(section))
+
+
+@lru_cache(maxsize=1024)
+def _identity(section: Any) -> tuple[tuple[str, Any], ...]:
+    # Sections are frozen and shared by many trials (harness.grid): each is read once.
+    return tuple((f.name, getattr(section, f.name)) for f in fields(section) if not f.metadata.get("not_in_id")
+                 and not (f.metadata.get("id_neutral") and getattr(section, f.name) == f.default))
 
 
 # Axes every sweep must list: they are what a batch-size study is about.

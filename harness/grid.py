@@ -59,12 +59,22 @@ def _block_specs(grid: GridConfig, block: tuple[tuple[str, tuple[Any, ...]], ...
     axes = [axis for axis, _ in block]  # already sorted by load_grid
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    # One model and one train config per distinct setting, shared by its trials: a grid of
+    # 100,000 trials over the three axes has one of each, not 100,000 (and their ids are cached).
+    models: dict[tuple, ModelConfig] = {}
+    trains: dict[tuple, TrainConfig] = {}
     for combo in itertools.product(*(values for _, values in block)):
         point = dict(zip(axes, combo))
+        model_set = tuple((k, v) for k, v in point.items() if k in model_keys)
+        train_set = tuple((k, v) for k, v in point.items() if k in train_keys)
+        if model_set not in models:
+            models[model_set] = dataclasses.replace(grid.model, **dict(model_set))
+        if train_set not in trains:
+            trains[train_set] = normalised(dataclasses.replace(grid.train, **dict(train_set)))
         yield TrialSpec(
             problem=grid.problem,
-            model=dataclasses.replace(grid.model, **{k: v for k, v in point.items() if k in model_keys}),
-            train=normalised(dataclasses.replace(grid.train, **{k: v for k, v in point.items() if k in train_keys})),
+            model=models[model_set],
+            train=trains[train_set],
             batch_size=point["batch_size"],
             learning_rate=point["learning_rate"],
             seed=point["seed"],

@@ -287,7 +287,7 @@ def test_scheduling_overhead_is_at_most_1_ms_per_trial(scale):
 @pytest.mark.slow
 def test_rerunning_the_finished_100k_grid_runs_nothing_within_5_s_of_cpu(scale):
     # CPU time of the planning thread rather than wall time: the rerun is single-threaded Python,
-    # so on an idle machine the two agree (2.7-3.2 s here), but the wall clock of a shared 2-core
+    # so on an idle machine the two agree (2.0-2.5 s here), but the wall clock of a shared 2-core
     # machine also counts other people's work. The wall time is in the report line.
     ray = scale[0]["ray"]
     assert ray["resume_ran"] == 0 and ray["resume_skipped"] == 100_000, ray
