@@ -30,15 +30,18 @@ def blas_is_emulated() -> bool:
                for lib in threadpool_info() if lib.get("user_api") == "blas")
 
 
-def load() -> None:
+def load(noise: bool = False) -> None:
     """Compile the training and scoring kernels, or load them from the cache, for the argument
     types train_fused passes, so that the first training step does not pay for it. The noise
-    kernel is left to its first call: only the geometric clock measures noise."""
+    kernel only with ``noise``: otherwise its first call does it, as only the geometric clock
+    measures noise."""
     w = (np.zeros((1, 2, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32))
     x1, y, lr, hp = np.ones((1, 2), f32), np.ones((1, 1), f32), np.zeros((1, 1), f32), np.zeros((1, 6), f32)
     train_steps(*w, *w, *w, lr, hp, 0, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
                 RELU, True)
     evaluate(*w, np.ascontiguousarray(x1.T), y, np.zeros(1, np.int64), RELU)
+    if noise:
+        gradient_noise(*w, x1, y, RELU)
 
 
 class NumbaStack:
@@ -138,9 +141,7 @@ def join(tensors: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    load()
-    w = (np.zeros((1, 2, 1), f32), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32))
-    gradient_noise(*w, np.ones((1, 2), f32), np.ones((1, 1), f32), RELU)  # the noise kernel too
+    load(noise=True)
     from harness.engines.kernel_choice import cache_dir
 
     print(f"numba kernels compiled into {cache_dir()}")
