@@ -36,7 +36,7 @@ import test_datasets  # noqa: E402
 import test_fused  # noqa: E402
 from harness import readers  # noqa: E402
 from harness.config import ModelConfig, ProblemConfig, TrainConfig  # noqa: E402
-from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, kernels, stack  # noqa: E402
+from harness.engines import fused, kernel_choice, kernel_math, kernel_stack, score_kernels, stack  # noqa: E402
 from harness.engines.fused import train_fused  # noqa: E402
 from harness.engines.optimizers import Hyper  # noqa: E402
 from harness.engines.kernel_choice import GroupSize, choose_kernel  # noqa: E402
@@ -179,7 +179,7 @@ def test_evaluation_pass_matches_numpy(activation, problem):
         x1t = np.ascontiguousarray(stack.with_ones(x).T)
         with np.errstate(all="ignore"):
             loss_a, accuracy_a = numpy_stack.evaluate(*numpy_stack.eval_input(x, y))
-            loss_b, accuracy_b = kernels.evaluate(*numba_stack.tensors[:3], x1t, np.array(y), y.argmax(axis=1),
+            loss_b, accuracy_b = score_kernels.evaluate(*numba_stack.tensors[:3], x1t, np.array(y), y.argmax(axis=1),
                                                   kernel_math.ACTIVATION_CODES[activation])
             loss_c, accuracy_c = numba_stack.evaluate(*numba_stack.eval_input(x, y))  # what the clock calls
         np.testing.assert_array_equal(accuracy_c, accuracy_a)

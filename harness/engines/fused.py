@@ -39,7 +39,7 @@ from harness.clock import eval_points, examples_at, noise_points
 from harness.engines import denormals
 from harness.engines.kernel_choice import ENV_VAR, choose_kernel, group_size, numba_supports
 from harness.engines.optimizers import Hyper, new_state
-from harness.engines.stack import Shape, Stack, Weights, argmax_classes, softmax_xent, with_ones
+from harness.engines.stack import Shape, Stack, Weights, argmax_classes, with_ones
 from harness.grid import TrialSpec
 from harness import initial
 from harness.problem import batch_order, data_shape, make_data, pin_threads
@@ -74,17 +74,14 @@ def _stack_initial(specs: Sequence[TrialSpec]) -> tuple[np.ndarray, Shape]:
     return np.stack([sent[key] if (key := initial.key_of(s)) in sent else initial.flat(s) for s in specs]), shape
 
 
-def _epoch_metrics(logits: np.ndarray, y: np.ndarray, labels: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keras' running epoch loss and accuracy [M] from the pre-update logits [M,n,C] of all
-    batches (y one-hot, labels its class ids [M,n]): each batch's mean loss weighted by its
-    size, and the fraction of rows right."""
-    n = logits.shape[1]
-    loss, prob = softmax_xent(logits, y)
+def _epoch_loss(loss: np.ndarray, batch_size: int) -> np.ndarray:
+    """Keras' running epoch loss [M] from each row's loss [M,n] (the stack's ``epoch_scores``):
+    each batch's mean loss weighted by its size."""
+    n = loss.shape[1]
     starts = np.arange(0, n, batch_size)
     sizes = np.diff(np.append(starts, n))
     batch_means = np.add.reduceat(loss, starts, axis=1, dtype=np.float32) / sizes.astype(np.float32)
-    epoch_loss = (batch_means.astype(np.float64) * sizes).sum(axis=1) / n
-    return epoch_loss, (argmax_classes(prob) == labels).mean(axis=1)
+    return (batch_means.astype(np.float64) * sizes).sum(axis=1) / n
 
 
 def _check_group(specs: Sequence[TrialSpec]) -> None:
@@ -190,7 +187,8 @@ def train_fused(specs: Sequence[TrialSpec], kernel: str | None = None) -> FusedT
                 updates, done = updates + stop - done, stop
                 if updates in clock.at:
                     clock.record(stack, members, updates, time.perf_counter() - start)
-            loss, accuracy = _epoch_metrics(logits, np.take(y_train, rows, axis=0), np.take(labels, rows), batch)
+            row_loss, accuracy = stack.epoch_scores(logits, y_train, labels, rows)
+            loss = _epoch_loss(row_loss, batch)
             val_loss, val_accuracy = clock.test
             clock.check(members, loss, val_loss)  # the epoch's running mean sees between the points
             elapsed = time.perf_counter() - start

@@ -16,8 +16,9 @@ import numpy as np
 from harness.engines.optimizers import Hyper
 from harness.engines.stack import Stack, with_ones
 from harness.engines.kernel_math import ACTIVATION_CODES, OPTIMIZER_CODES, RELU, f32
-from harness.engines.kernels import evaluate, train_steps
+from harness.engines.kernels import train_steps
 from harness.engines.noise_kernel import gradient_noise
+from harness.engines.score_kernels import epoch_losses, epoch_softmax, evaluate
 
 
 @lru_cache(maxsize=1)
@@ -40,6 +41,9 @@ def load(noise: bool = False) -> None:
     train_steps(*w, *w, *w, lr, hp, 0, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
                 RELU, True)
     evaluate(*w, np.ascontiguousarray(x1.T), y, np.zeros(1, np.int64), RELU)
+    rows, logits, total = np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32)
+    epoch_softmax(logits, rows, np.zeros(1, np.int64), total)
+    epoch_losses(logits, rows, y, total, total)
     if noise:
         gradient_noise(*w, x1, y, RELU)
 
@@ -89,6 +93,15 @@ class NumbaStack:
         train_steps(*self.tensors, rates, self._packed, self._opt, self.hyper.nesterov, x1, y, rows, batch, s0, s1,
                     logits, self._act, self.exact)
         self.updates += s1 - s0
+
+    def epoch_scores(self, logits: np.ndarray, y: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As stack.Stack.epoch_scores, bit for bit (score_kernels); shifts ``logits`` in place."""
+        rows, labels = np.ascontiguousarray(rows, np.int64), labels.astype(np.int64)  # the compiled types
+        total = np.empty(rows.shape, np.float32)
+        right = epoch_softmax(logits, rows, labels, total)
+        loss = np.empty_like(total)
+        epoch_losses(logits, rows, y, np.log(total), loss)
+        return loss, right / rows.shape[1]
 
     def eval_input(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
         """A split as the arguments of ``evaluate``: for the numba kernel, features transposed

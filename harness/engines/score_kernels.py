@@ -1,0 +1,157 @@
+"""numba kernels that score a stack: every member on a whole split (``evaluate``, the clock's
+points), and each member's running epoch loss and accuracy from the logits the training steps
+wrote (``epoch_softmax`` and ``epoch_losses``, the epoch records), in the layout of
+``kernels.train_steps``.
+
+The epoch's scores equal the NumPy path's (``fused._epoch_scores`` on ``stack.softmax_xent``)
+bit for bit: the same max, the NumPy float32 exp port (kernel_math.np_expf), class sums in class
+order, and NumPy's own float32 log between the two kernels, called by the caller on the
+[M, N] row totals. NumPy spends 0.16 s of a full.yaml group on these (35 models, 200 epochs,
+mostly ufunc passes over [M, N, 3]); the kernels ~0.03 s.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from harness.engines.kernel_math import JIT, RELU, TANH, ZERO, f32, fmaf, np_expf, relu, sigmoid, tanh
+
+
+@numba.njit(**JIT)
+def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
+    """(loss [M] float32, accuracy [M] float64) of every model on all N rows: x1T [F+1, N] (the
+    ones row last), y [N, C] one-hot, labels [N] its class ids. Every loop runs over the rows,
+    contiguous, so it vectorizes (the softmax too: np_expf has no branches); the sums run in
+    another order than the NumPy path's matmuls and log is libm's: the loss agrees to ~1e-7
+    relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with NumPy's
+    tie and NaN rules (fused.argmax_classes), as the NumPy path does."""
+    M, F1, H = W1s.shape
+    C, N = W2s.shape[1], x1T.shape[1]
+    z, lg, ex = np.empty(N, f32), np.empty((C, N), f32), np.empty((C, N), f32)
+    mx, total, lse = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32)
+    row_loss, best, index = np.empty(N, f32), np.empty(N, f32), np.empty(N, np.int64)
+    loss, accuracy = np.empty(M, f32), np.empty(M, np.float64)
+    for m in range(M):
+        for c in range(C):
+            for n in range(N):
+                lg[c, n] = ZERO
+        for h in range(H):  # one hidden unit for all rows at a time
+            w = W1s[m, 0, h]
+            for n in range(N):
+                z[n] = x1T[0, n] * w
+            for f in range(1, F1):
+                w = W1s[m, f, h]
+                for n in range(N):
+                    z[n] = fmaf(x1T[f, n], w, z[n])
+            if act == RELU:
+                for n in range(N):
+                    z[n] = relu(z[n])
+            elif act == TANH:
+                for n in range(N):
+                    z[n] = tanh(z[n])
+            else:
+                for n in range(N):
+                    z[n] = sigmoid(z[n])
+            for c in range(C):
+                w = W2s[m, c, h]
+                for n in range(N):
+                    lg[c, n] = fmaf(z[n], w, lg[c, n])
+        # The softmax and its log, a class at a time over all rows: the logits shifted by the row
+        # max (NumPy's maximum: NaN wins), then each row's loss and argmax as before, per row.
+        for c in range(C):
+            b = B2s[m, c]
+            for n in range(N):
+                lg[c, n] = lg[c, n] + b
+        for n in range(N):
+            mx[n] = lg[0, n]
+        for c in range(1, C):
+            for n in range(N):
+                v = lg[c, n]
+                mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
+        for n in range(N):
+            total[n] = ZERO
+        for c in range(C):
+            for n in range(N):
+                lg[c, n] = lg[c, n] - mx[n]
+                ex[c, n] = np_expf(lg[c, n])
+                total[n] = total[n] + ex[c, n]
+        for n in range(N):
+            lse[n] = np.log(total[n])
+            row_loss[n] = ZERO
+            best[n] = ex[0, n] / total[n]
+            index[n] = 0
+        for c in range(C):
+            for n in range(N):
+                row_loss[n] = row_loss[n] + y[n, c] * (lse[n] - lg[c, n])
+        for c in range(1, C):
+            for n in range(N):
+                pc = ex[c, n] / total[n]
+                index[n] = c if pc > best[n] else index[n]
+                best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
+        total_loss, right = 0.0, 0
+        for n in range(N):
+            total_loss += row_loss[n]
+            right += index[n] == labels[n]
+        loss[m] = total_loss / N
+        accuracy[m] = right / N
+    return loss, accuracy
+
+
+@numba.njit(**JIT)
+def epoch_softmax(logits, rows, labels, total):
+    """From the pre-update logits [M, N, C] of an epoch's rows (member m's row n is training row
+    rows[m, n], class ids labels [N_train]): shifts each row's logits by its max in place (NumPy's
+    maximum: NaN wins), writes the row's sum of exp to total [M, N], and returns each member's
+    rows right [M] (argmax of the softmax probabilities, first on ties, as stack.argmax_classes)."""
+    M, N, C = logits.shape
+    lg, ex = np.empty((C, N), f32), np.empty((C, N), f32)  # a class at a time over the rows: vectorized
+    mx, tot, best, index = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), np.empty(N, np.int64)
+    right = np.zeros(M, np.int64)
+    for m in range(M):
+        for n in range(N):
+            for c in range(C):
+                lg[c, n] = logits[m, n, c]
+        for n in range(N):
+            mx[n] = lg[0, n]
+        for c in range(1, C):
+            for n in range(N):
+                v = lg[c, n]
+                mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
+        for c in range(C):
+            for n in range(N):
+                lg[c, n] = lg[c, n] - mx[n]
+                ex[c, n] = np_expf(lg[c, n])
+        for n in range(N):
+            tot[n] = ex[0, n]
+        for c in range(1, C):
+            for n in range(N):
+                tot[n] = tot[n] + ex[c, n]
+        for n in range(N):
+            best[n] = ex[0, n] / tot[n]
+            index[n] = 0
+        for c in range(1, C):
+            for n in range(N):
+                pc = ex[c, n] / tot[n]
+                index[n] = c if pc > best[n] else index[n]
+                best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
+        for n in range(N):
+            total[m, n] = tot[n]
+            right[m] += index[n] == labels[rows[m, n]]
+            for c in range(C):
+                logits[m, n, c] = lg[c, n]
+    return right
+
+
+@numba.njit(**JIT)
+def epoch_losses(shifted, rows, y, log_total, out):
+    """Each row's cross-entropy into out [M, N]: the sum over classes, in class order, of
+    y * (log_total - shifted) (stack.softmax_xent's terms; 0 * inf is NaN there too), with
+    shifted and log_total as epoch_softmax and NumPy's log left them."""
+    M, N, C = shifted.shape
+    for m in range(M):
+        for n in range(N):
+            row, lt = rows[m, n], log_total[m, n]
+            acc = y[row, 0] * (lt - shifted[m, n, 0])
+            for c in range(1, C):
+                acc = acc + y[row, c] * (lt - shifted[m, n, c])
+            out[m, n] = acc
