@@ -1,5 +1,5 @@
-"""numba kernels for the fused engine: every member of a group trained and scored in compiled
-loops, with the NumPy path's arithmetic (``fused._Stack``) rounding for rounding.
+"""numba kernels for the fused engine: every member of a group trained in compiled loops (scored:
+``score_kernels``), with the NumPy path's arithmetic (``stack.Stack``) rounding for rounding.
 
 Why compiled loops: the NumPy path issues ~25 ufunc and matmul calls per step for the whole
 stack; at small batches each call does little work, and their fixed cost dominates (1.4 µs per
@@ -17,7 +17,8 @@ OpenBLAS 0.3's SkylakeX kernels do on the default network (2 features, 3 classes
   logits, batch 1         sgemv's 3-column path (C = 3 only): pairs of hidden units, t + fma(a_k,
                           w_k, a_k+1*w_k+1), then the H%4 tail by FMA; C != 3 falls to the next rule;
   logits, batch > 1       16 FMA lanes (lane = unit mod 16) reduced by adjacent pairs for rows in
-                          the batch's whole 4-row blocks and by halves for the rest; + b2 apart;
+                          the batch's whole 4-row blocks and by halves for the rest; + b2 apart
+                          (from WIDE_BATCH rows on, the same sums for all rows at once);
   da1 = p @ W2^T          sequential FMA over classes; at batch 1 with C = 3, sgemv_t's tail
                           blocks for units from H&~7 up;
   dW1b, dW2, db2          sequential over the batch rows (FMA, plain adds for db2);
@@ -62,6 +63,12 @@ def _rmsprop(w, g, s, rate, keep_rho, eps, rho):
     return w - (g * rate) / np.sqrt(s + eps), s
 
 
+# From this batch size on, a batch's logits are summed for all its rows at once (vectorized over
+# the rows) rather than a row at a time: 158 -> 139 ns per model-row at 32 rows, 179 -> 138 at
+# 500, 170 -> 160 at 16; slower below (251 against 191 at 8).
+WIDE_BATCH = 16
+
+
 @numba.njit(**JIT)
 def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nesterov, x1, y, rows, batch, s0, s1,
                 logits, act, exact):
@@ -79,6 +86,7 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
     xb, yb = np.empty((batch, F1), f32), np.empty((batch, C), f32)
     z1, a1, dz = np.empty((batch, H), f32), np.empty((batch, H), f32), np.empty((batch, H), f32)
     p, e, lanes = np.empty((C, batch), f32), np.empty((C, batch), f32), np.empty(16, f32)
+    a1T, part = np.empty((H, batch), f32), np.empty((16, batch), f32)  # the wide logits' layout
     mxv, tot = np.empty(batch, f32), np.empty(batch, f32)
     gW1, gW2, gb2 = np.empty((F1, H), f32), np.empty((C, H), f32), np.empty(C, f32)
     t2, t4, t8 = H & ~1, H & ~3, H & ~7
@@ -92,6 +100,7 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
         b = min(batch, N - i0)
         inv_b = ONE / f32(b)
         blocks = (b // 4) * 4  # rows in whole 4-row blocks: their logits reduce pairwise
+        wide = b >= WIDE_BATCH
         for m in range(M):
             for r in range(b):  # gather the batch, so the loops below read contiguous rows
                 row = rows[m, i0 + r]
@@ -126,6 +135,9 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                         for k in range(t4, H):
                             t = fmaf(a1[r, k], W2s[m, c, k], t)
                         p[c, r] = t + B2s[m, c]
+                elif wide:
+                    for h in range(H):
+                        a1T[h, r] = a1[r, h]
                 else:
                     for c in range(C):
                         for l in range(16):
@@ -153,8 +165,33 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                             lanes[0] = lanes[0] + lanes[2]
                             lanes[1] = lanes[1] + lanes[3]
                         p[c, r] = (lanes[0] + lanes[1]) + B2s[m, c]
+                if not wide:
+                    for c in range(C):
+                        logits[m, i0 + r, c] = p[c, r]
+            if wide:
+                # The batch's logits at once, the loops over its rows vectorized: lane l of a row sums
+                # units l, l+16, ... in order, the lanes then reduced as above, bit for bit.
                 for c in range(C):
-                    logits[m, i0 + r, c] = p[c, r]
+                    for l in range(16):
+                        for r in range(b):
+                            part[l, r] = ZERO
+                        for k in range(l, H, 16):
+                            w = W2s[m, c, k]
+                            for r in range(b):
+                                part[l, r] = fmaf(a1T[k, r], w, part[l, r])
+                    bc, top = B2s[m, c], blocks if exact else 0
+                    for r in range(top):
+                        p[c, r] = (((part[0, r] + part[1, r]) + (part[2, r] + part[3, r]))
+                                   + ((part[4, r] + part[5, r]) + (part[6, r] + part[7, r]))
+                                   + (((part[8, r] + part[9, r]) + (part[10, r] + part[11, r]))
+                                      + ((part[12, r] + part[13, r]) + (part[14, r] + part[15, r])))) + bc
+                    for r in range(top, b):
+                        p[c, r] = ((((part[0, r] + part[8, r]) + (part[4, r] + part[12, r]))
+                                    + ((part[2, r] + part[10, r]) + (part[6, r] + part[14, r])))
+                                   + (((part[1, r] + part[9, r]) + (part[5, r] + part[13, r]))
+                                      + ((part[3, r] + part[11, r]) + (part[7, r] + part[15, r])))) + bc
+                    for r in range(b):
+                        logits[m, i0 + r, c] = p[c, r]
             # dLoss/dlogits = (softmax - y) / b, the softmax shifted by the row max as TF does;
             # a class at a time over the batch's rows, so that the loops vectorize
             for r in range(b):
