@@ -119,7 +119,8 @@ CASES = {
     "tanh-bs50": (group(50, 3, "tanh"), False, 2e-5),  # our tanh is not NumPy's
     "digits-bs48": (group(48, 3, problem=DIGITS), False, 2e-5),  # 64 features, 10 classes: not emulated
     "digits-bs1": (group(1, 1, problem=DIGITS, learning_rates=(0.003, 0.001)), False, 2e-4),
-    **{f"bs{b}": (group(b, 2), True, 2e-5) for b in (2, 3, 32, 64, 256, 499)},  # the research's other batch sizes (256: a padded layout)
+    # the research's other batch sizes (256: the kernel pads its buffers' rows)
+    **{f"bs{b}": (group(b, 2), True, 2e-5) for b in (2, 3, 32, 64, 256, 499)},
     # SGD's other options (tests/test_axes_engines.py holds them to Keras): per-update rates
     # (warm-up, cosine, step, batch-size scaling), Nesterov, L2 in some members of the stack.
     "bs1-schedules-nesterov-l2": (with_options(group(1, 2)), True, 2e-4),

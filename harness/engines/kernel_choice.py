@@ -65,7 +65,8 @@ SOURCES = ("kernel_math.py", "kernels.py", "noise_kernel.py", "score_kernels.py"
 # What kernel_stack.load() compiles before a group's clock starts; noise_kernel.gradient_noise
 # compiles (first time on a machine, ~2.4 s) or loads on the first noise measurement instead, so
 # that groups on the epoch clock never wait for it.
-COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoch_softmax", "score_kernels.epoch_losses")
+COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoch_softmax",
+            "score_kernels.epoch_losses")
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):

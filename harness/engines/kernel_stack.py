@@ -94,7 +94,8 @@ class NumbaStack:
                     logits, self._act, self.exact)
         self.updates += s1 - s0
 
-    def epoch_scores(self, logits: np.ndarray, y: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_scores(self, logits: np.ndarray, y: np.ndarray, labels: np.ndarray,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As stack.Stack.epoch_scores, bit for bit (score_kernels); shifts ``logits`` in place."""
         rows, labels = np.ascontiguousarray(rows, np.int64), labels.astype(np.int64)  # the compiled types
         total = np.empty(rows.shape, np.float32)

@@ -240,7 +240,8 @@ class Stack:
             self.step(xs[:, i:i + batch], ys[:, i:i + batch], logits[:, i:i + batch])
 
     @staticmethod
-    def epoch_scores(logits: np.ndarray, y: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def epoch_scores(logits: np.ndarray, y: np.ndarray, labels: np.ndarray,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(loss [M,N] of each row, accuracy [M]) from the epoch's pre-update logits [M,N,C] of
         the rows ``rows`` [M,N] of y [N,C] (one-hot) and labels [N] (its class ids)."""
         loss, prob = softmax_xent(logits, np.take(y, rows, axis=0))
