@@ -207,7 +207,7 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
         finally:
             if hasattr(results_iter, "close"):
                 results_iter.close()  # cancels tasks in flight
-            # Shutting down a Ray it started (~1.4 s, mostly waiting for Ray's processes to exit)
+            # Shutting down a Ray it started (~0.4 s, waiting for Ray's processes to exit)
             # overlaps writing the last results and compacting them.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend-close") as pool:
                 closing = pool.submit(backend.close) if plan.todo or probes else None

@@ -121,6 +121,22 @@ def _stop_between_groups() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
+def _stop_autoscaler_monitor() -> None:
+    """Kill a private instance's autoscaler monitor before ray.shutdown. The shutdown stops the
+    GCS first; the monitor's SIGTERM handler then waits on the dead GCS until Ray kills it a
+    second later (measured: 1.0 of ray.shutdown's 1.4 s, 0.4 s without it). A fixed set of local
+    CPUs has nothing to scale, and SIGKILL leaves it no handler to run. Ray keeps its processes
+    in private fields: if those change, the shutdown is merely a second slower."""
+    try:
+        from ray._private.worker import _global_node as node
+    except ImportError:
+        return
+    for info in getattr(node, "all_processes", {}).get("monitor", ()):
+        with contextlib.suppress(Exception):
+            info.process.kill()
+            info.process.wait(timeout=5)
+
+
 def _ray_group(work: Work, group: Group) -> list[TrialResult]:
     import ray
 
@@ -322,5 +338,7 @@ class RayBackend:
         import ray
 
         if self._owns_ray:
+            if self._env_inherited:  # a private instance: this process started its processes
+                _stop_autoscaler_monitor()
             ray.shutdown()
             self._owns_ray = self._env_inherited = False

@@ -117,9 +117,10 @@ def modelled_wall_s(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> float:
 
 
 # Starting a private local Ray and stopping it, measured on a 2-core machine: grids/smoke.yaml
-# (fused) takes 5.1-6.1 s with --backend ray against 0.53 s in this process (ray.init 2.6 s, the
-# first tasks' start with the workers' imports ~1 s, ray.shutdown ~1.1 s, the rest Ray's imports).
-RAY_START_S = 5.0
+# (fused) takes 4.0-5.4 s with --backend ray (median 5.2 s of 5) against 0.54-0.66 s in this
+# process (ray.init 2.6-3 s, the first tasks' start with the workers' imports ~1 s, Ray's
+# imports ~0.5 s, ray.shutdown ~0.4 s).
+RAY_START_S = 4.5
 
 
 # Past this many trials a grid goes to Ray without modelling: the model itself would take

@@ -142,3 +142,49 @@ def test_private_ray_workers_get_the_trial_environment_and_the_driver_keeps_its_
     assert seen["workers"] == [{"OMP_NUM_THREADS": "1", "HARNESS_THREADS_PER_TRIAL": "1",
                                 "TF_CPP_MIN_LOG_LEVEL": "2"}] * 2
     assert seen["driver"] == ["7", None]
+
+
+STOP_CHECK = """
+import json
+import fakes
+import ray
+import psutil  # ships with Ray
+from harness.scheduler import RayBackend
+
+def alive(p):
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+seen = {}
+shutdown = ray.shutdown
+def watched_shutdown(*args, **kwargs):
+    kids = [p for p in psutil.Process().children(recursive=True) if alive(p)]
+    seen["monitor"] = [p.pid for p in kids if any(a.endswith("autoscaler/_private/monitor.py") for a in p.cmdline())]
+    seen["kids"] = [p.pid for p in kids]
+    shutdown(*args, **kwargs)
+ray.shutdown = watched_shutdown
+list(RayBackend(num_cpus=2).run([("a",)], work=fakes.environment))
+left = [pid for pid in seen["kids"] if psutil.pid_exists(pid) and alive(psutil.Process(pid))]
+print(json.dumps({"monitor": seen["monitor"], "kids": len(seen["kids"]), "left": left}))
+"""
+
+
+def test_closing_a_private_ray_stops_its_autoscaler_monitor_first_and_leaves_no_process():
+    """ray.shutdown stops the GCS before the autoscaler's monitor, which then waits a second on
+    it; close() kills the monitor before calling ray.shutdown, and nothing the instance started
+    outlives close(). In a fresh process: this session's tests share a Ray already started."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    proc = subprocess.run([sys.executable, "-c", STOP_CHECK], capture_output=True, text=True, timeout=180,
+                          cwd=str(REPO), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["kids"] >= 5  # GCS, raylet, dashboard, log monitor, workers: the instance was looked at
+    assert seen["monitor"] == [] and seen["left"] == []
