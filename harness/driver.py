@@ -176,6 +176,11 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             if grid.timing_probe else []
         # Drawn (TensorFlow imported on a cold cache) while Ray starts, sent with the fused tasks.
         weights = initial.Preparing(plan.todo) if plan.todo else None
+        # On a cold numba cache, one compile for the machine while Ray starts, not one per worker.
+        compiling = kernel_choice.compile_ahead(plan.todo, backend.local_slots()) if plan.todo else None
+        if compiling is not None and progress:
+            print(f"harness run: compiling the numba kernels once for this machine (about "
+                  f"{kernel_choice.COLD_START_S:.0f} s, while Ray starts)", file=sys.stderr)
         if plan.todo or probes:
             backend.connect()  # a cluster that cannot be joined fails here, before anything is written
             store.write_run_metadata(results_dir, run_metadata(
@@ -193,6 +198,8 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
             if plan.todo:
                 slots = backend.slots()
                 tasks = initial.attach(plan_tasks(plan.todo, slots), weights.result())
+                if compiling is not None:
+                    compiling.wait()  # a failed compile leaves the cache cold: the plan then says NumPy
                 kernel_choice.attach(tasks, slots)  # numba or NumPy, chosen for the run as a whole
                 results_iter = backend.run(tasks)
             for results in results_iter:
@@ -205,6 +212,9 @@ def run_study(grid: GridConfig, results_dir: Path, backend: Backend, *, retry_fa
         except KeyboardInterrupt:
             summary.interrupted, finished = True, False
         finally:
+            if compiling is not None and compiling.poll() is None:  # interrupted while it compiled
+                compiling.kill()
+                compiling.wait()
             if hasattr(results_iter, "close"):
                 results_iter.close()  # cancels tasks in flight
             # Shutting down a Ray it started (~0.4 s, waiting for Ray's processes to exit)

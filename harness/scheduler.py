@@ -44,6 +44,10 @@ class Backend(Protocol):
     def slots(self) -> int:
         """How many units of work run at once (after connect): what the work is sized to."""
 
+    def local_slots(self) -> int:
+        """Before connect: how many of the run's workers start on this machine, sharing its
+        caches (0 for a cluster joined, whose nodes keep their own)."""
+
     def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
         """Yield one list of results per group, in completion order; ``work`` (default: the
         backend's own, run_group) is what runs one group."""
@@ -87,6 +91,9 @@ class SerialBackend:
         """Nothing to shut down."""
 
     def slots(self) -> int:
+        return 1
+
+    def local_slots(self) -> int:
         return 1
 
     def run(self, groups: Sequence[Group], work: Work | None = None) -> Iterator[list[TrialResult]]:
@@ -325,6 +332,16 @@ class RayBackend:
                 ray.cancel(ref, force=True)
             if started_here:
                 self.close()
+
+    def local_slots(self) -> int:
+        """A private instance's slots as they will be (its CPUs over cpus_per_trial, at most
+        max_concurrent); 0 when joining a cluster or one already started."""
+        import ray
+
+        if self.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+            return 0
+        cpus = (self.num_cpus or os.cpu_count() or 1) // self.cpus_per_trial
+        return max(1, min(cpus, self.max_concurrent or cpus))
 
     def slots(self) -> int:
         """Trials the cluster runs at once: its CPUs over cpus_per_trial, at most max_concurrent."""

@@ -375,10 +375,11 @@ def test_run_plan_pays_numba_start_up_once_per_process(monkeypatch):
     when their savings exceed the start-up of the processes they occupy; the per-group rule
     alone would keep every one of them on NumPy."""
     monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
+    monkeypatch.setattr(kernel_choice, "WARM_START_S", 0.65)
     savings = {1: 0.5, 2: 0.5, 4: 0.5, 8: 0.5, 16: -0.2}  # by batch size; start-up 0.65 s
     monkeypatch.setattr(kernel_choice, "saving_s", lambda g: savings[g.batch_size])
     groups = [spec_group(b) for b in savings]
-    assert kernel_choice.WARM_START_S == 0.65 and all(s < 0.65 for s in savings.values())
+    assert all(s < 0.65 for s in savings.values())
     assert kernel_choice.plan(groups, slots=2) == ["numba"] * 4 + ["numpy"]  # 2.0 s saved, 1.3 s paid
     assert kernel_choice.plan(groups, slots=8) == ["numpy"] * 5  # four processes: 2.6 s paid
     assert kernel_choice.plan(groups[:2], slots=2) == ["numpy"] * 2  # 1.0 s saved, 1.3 s paid
@@ -401,6 +402,55 @@ def test_run_plan_sends_every_batch_size_of_the_full_grid_to_numba(monkeypatch):
     assert kernel_choice.plan(full, slots=2) == ["numba"] * 10
     smoke = group_specs(expand_grid(load_grid(root / "grids" / "smoke.yaml")))
     assert set(kernel_choice.plan([g for g in smoke], slots=2)) == {"numpy"}
+
+
+def test_a_cold_cache_is_compiled_once_ahead_of_a_run_that_repays_it(monkeypatch):
+    """grids/full.yaml on a cold cache: a compile in each of two workers would cost more than
+    the run saves, so the plan keeps NumPy (and the cache would stay cold for every later run);
+    one compile ahead is repaid, so the driver starts it. Not for small grids, one worker, Keras
+    trials or a warm cache."""
+    from harness.config import load_grid, with_engine
+    from harness.grid import expand_grid
+    from harness.work import group_specs
+
+    started = []
+    monkeypatch.setattr(kernel_choice.subprocess, "Popen", lambda command, **kw: started.append(command) or "child")
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: False)
+    root = Path(__file__).resolve().parents[1]
+    full = expand_grid(load_grid(root / "grids" / "full.yaml"))
+    assert kernel_choice.plan(group_specs(full), slots=2) == ["numpy"] * 10
+    assert kernel_choice.compile_ahead(full, slots=2) == "child"
+    assert started == [[sys.executable, "-m", "harness.engines.kernel_stack"]]
+    smoke = expand_grid(with_engine(load_grid(root / "grids" / "smoke.yaml"), "fused"))
+    keras = expand_grid(with_engine(load_grid(root / "grids" / "full.yaml"), "keras"))
+    assert kernel_choice.compile_ahead(smoke, 2) is kernel_choice.compile_ahead(full, 1) is None
+    assert kernel_choice.compile_ahead(keras, 2) is None
+    monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
+    assert kernel_choice.compile_ahead(full, 2) is None and len(started) == 1
+
+
+def test_driver_waits_for_the_compile_ahead_before_planning_the_paths(monkeypatch, tmp_path):
+    from harness.config import parse_grid
+    from harness.driver import run_study
+    from harness.scheduler import SerialBackend
+
+    class Child:
+        waited = False
+
+        def wait(self):
+            self.waited = True
+
+        def poll(self):
+            return 0 if self.waited else None
+
+    child, seen = Child(), []
+    monkeypatch.setattr(kernel_choice, "compile_ahead", lambda specs, slots: child)
+    real_attach = kernel_choice.attach
+    monkeypatch.setattr(kernel_choice, "attach", lambda tasks, slots: seen.append(child.waited) or real_attach(tasks, slots))
+    grid = parse_grid({"train": {"epochs": 1, "engine": "fused"},
+                       "sweep": {"batch_size": [50], "learning_rate": [0.01], "seed": [0]}}, "g.yaml")
+    run_study(grid, tmp_path, SerialBackend(), progress=False)
+    assert seen == [True]
 
 
 def test_train_fused_follows_the_attached_path_unless_overridden(monkeypatch):

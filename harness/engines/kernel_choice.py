@@ -2,8 +2,8 @@
 lives. Imports neither numba nor the kernels: a group that stays on NumPy never pays for them.
 
 **The rule.** numba pays off per update but costs a start-up once per process: importing numba
-and loading the compiled kernels from the cache (``WARM_START_S``, 0.65 s), or, the first time
-on a machine, compiling them (``COLD_START_S``, 6.3 s). What a group saves on numba is
+and loading the compiled kernels from the cache (``WARM_START_S``, 0.75 s), or, the first time
+on a machine, compiling them (``COLD_START_S``, 9.1 s). What a group saves on numba is
 estimated from its size (``saving_s``):
 
     saving = numpy_s(group) * (1 - share(batch size, activation, network size))
@@ -12,7 +12,7 @@ estimated from its size (``saving_s``):
 and scoring rows (``estimate_numpy_s``: within ~15 % of measured on the default network; it
 underestimates sigmoid and overestimates large networks at large batches, where numba is slower
 anyway); ``share`` is the numba path's time as a share of the NumPy path's (``NUMBA_SHARE``: for
-relu on the default network 0.25 at batch size 1, 0.7 at 32; on digits' 0.75 at 1, above 1 from 4).
+relu on the default network 0.2 at batch size 1, 0.55 at 32; on digits' 0.75 at 1, above 1 from 4).
 
 *For a run* (``plan``, what the driver sends with each task: ``attach``), the groups that save
 most go to numba as long as their savings together exceed the start-up of every process they
@@ -23,9 +23,15 @@ worker, whatever that worker ran before.
 
 *For a group on its own* (``choose_kernel``: a group trained outside a run, a test, a notebook),
 it goes to numba when its own saving exceeds the start-up. So with a warm cache a relu group at
-batch size 1 needs about 1 s of NumPy work to go to numba; with a cold cache about 8 s. A small
-grid never waits for a compile it cannot win back; a run big enough compiles once for the
-machine (``python -m harness.engines.kernel_stack`` compiles ahead of a run).
+batch size 1 needs about 1 s of NumPy work to go to numba; with a cold cache about 11 s. A small
+grid never waits for a compile it cannot win back.
+
+*On a cold cache* each worker would compile for itself, so ``plan`` counts a compile per
+process, and a run as big as grids/full.yaml (15 s of savings against 2 x 9.1 s) would stay on
+NumPy, and with it every later run, the cache never filled. ``compile_ahead`` compiles once
+instead, in a child of the driver while Ray starts, when the run's savings on a warm cache
+repay that one compile; the plan then finds the cache warm. ``python -m
+harness.engines.kernel_stack`` does the same by hand.
 
 ``HARNESS_FUSED_KERNEL`` (numpy, numba or auto, the default), or ``train_fused(kernel=...)``,
 overrides the rule: the tests run the whole fused suite on each path with it.
@@ -45,6 +51,7 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -70,8 +77,8 @@ COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoc
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):
-WARM_START_S = 0.65  # import numba 0.23 s + import the kernels 0.07 s + load them from the cache 0.33 s
-COLD_START_S = 6.3  # the same, compiling both kernels instead of loading them (5.4-6.5 s in two runs)
+WARM_START_S = 0.75  # import numba 0.26 s + import the kernels 0.10 s + load them from the cache 0.39 s
+COLD_START_S = 9.1  # the same, compiling the four kernels instead of loading them (best of 3)
 # The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
 # step, per model-row of a batch and per model-row of a scoring pass (both per unit of
 # P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).
@@ -83,7 +90,8 @@ NUMPY_EPOCH_MODEL_S = 30e-6
 # The numba path's time as a share of the NumPy path's for a whole group (training and scoring,
 # 35 models, both paths measured in one run, rounded up) at batch sizes 1, 4, 32 and 500, for
 # the default network (P = 300: 2 features, 50 units, 3 classes; relu measured again with
-# denormals flushed and the row-vectorized scoring kernel: grids/full.yaml's groups) and for
+# denormals flushed, the epoch scores in numba and the wide logits: grids/full.yaml's groups;
+# bs 4 from the release before) and for
 # digits' (P = 3750: 64 features, 10 classes); interpolated on log2 of the batch size and of P,
 # clamped at the ends.
 # The kernels' loops gain most where NumPy's per-call cost dominates: small batches of small
@@ -91,7 +99,7 @@ NUMPY_EPOCH_MODEL_S = 30e-6
 # and tanh's loops are slower than NumPy's SIMD tanh, so such groups never go to numba.
 SHARE_BATCH_SIZES = (1, 4, 32, 500)
 SHARE_WEIGHTS = (300, 3750)
-NUMBA_SHARE = {"relu": ((0.25, 0.5, 0.7, 0.75), (0.75, 1.05, 1.5, 1.7)),
+NUMBA_SHARE = {"relu": ((0.2, 0.5, 0.55, 0.55), (0.75, 1.05, 1.5, 1.7)),
                "sigmoid": ((0.35, 0.65, 0.95, 0.95), (0.8, 1.1, 1.55, 1.75)),
                "tanh": ((0.4, 1.0, 1.5, 2.5), (0.65, 1.05, 1.6, 1.7))}
 
@@ -166,16 +174,41 @@ def plan(groups: Sequence[Sequence[TrialSpec]], slots: int) -> list[str]:
     if not groups or importlib.util.find_spec("numba") is None:
         return paths
     saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups) if numba_supports(group[0])}
-    start_s = WARM_START_S if kernels_cached() else COLD_START_S
+    chosen, _ = _most_saving(saving, WARM_START_S if kernels_cached() else COLD_START_S, slots)
+    for i in chosen:
+        paths[i] = "numba"
+    return paths
+
+
+def _most_saving(saving: dict[int, float], start_s: float, slots: int) -> tuple[list[int], float]:
+    """The groups (keys of ``saving``, seconds each saves on numba) that save most net of the
+    start-up of the processes they occupy, and that net saving."""
     best, net, total = 0, 0.0, 0.0
     order = sorted((i for i in saving if saving[i] > 0), key=lambda i: -saving[i])
     for k, i in enumerate(order, 1):
         total += saving[i]
         if total - start_s * min(slots, k) > net:
             best, net = k, total - start_s * min(slots, k)
-    for i in order[:best]:
-        paths[i] = "numba"
-    return paths
+    return order[:best], net
+
+
+def compile_ahead(specs: Sequence[TrialSpec], slots: int) -> subprocess.Popen | None:
+    """On a cold cache, start compiling the kernels in a child process (``python -m
+    harness.engines.kernel_stack``) if the fused groups of ``specs`` would repay one compile with
+    the plan of a warm cache; the caller waits on the child before ``attach``. ``slots``: the
+    run's workers that share this machine's cache (below 2, a worker's own compile costs the
+    same and ``plan`` already weighs it). None when there is nothing to do."""
+    if slots < 2 or importlib.util.find_spec("numba") is None or kernels_cached():
+        return None
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        if spec.train.engine == "fused" and numba_supports(spec):
+            groups.setdefault(group_key(spec), []).append(spec)
+    saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups.values())}
+    if _most_saving(saving, WARM_START_S, slots)[1] < COLD_START_S:
+        return None
+    return subprocess.Popen([sys.executable, "-m", "harness.engines.kernel_stack"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def attach(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> None:
