@@ -17,6 +17,44 @@ from harness.engines.kernel_math import JIT, RELU, TANH, ZERO, f32, fmaf, np_exp
 
 
 @numba.njit(**JIT)
+def _softmax_rows(lg, mx, ex, total):
+    """The softmax's parts for logits lg [C, N], a class at a time over the rows (so the loops
+    vectorize): lg shifted in place by each row's max (NumPy's maximum: NaN wins), ex [C, N] its
+    exp, total [N] the sum of ex over the classes in class order."""
+    C, N = lg.shape
+    for n in range(N):
+        mx[n] = lg[0, n]
+    for c in range(1, C):
+        for n in range(N):
+            v = lg[c, n]
+            mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
+    for c in range(C):
+        for n in range(N):
+            lg[c, n] = lg[c, n] - mx[n]
+            ex[c, n] = np_expf(lg[c, n])
+    for n in range(N):
+        total[n] = ex[0, n]
+    for c in range(1, C):
+        for n in range(N):
+            total[n] = total[n] + ex[c, n]
+
+
+@numba.njit(**JIT)
+def _argmax_rows(ex, total, best, index):
+    """index [N]: each row's class of highest probability ex / total, the first on ties, with
+    NumPy's NaN rule (stack.argmax_classes); best [N] is scratch."""
+    C, N = ex.shape
+    for n in range(N):
+        best[n] = ex[0, n] / total[n]
+        index[n] = 0
+    for c in range(1, C):
+        for n in range(N):
+            pc = ex[c, n] / total[n]
+            index[n] = c if pc > best[n] else index[n]
+            best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
+
+
+@numba.njit(**JIT)
 def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     """(loss [M] float32, accuracy [M] float64) of every model on all N rows: x1T [F+1, N] (the
     ones row last), y [N, C] one-hot, labels [N] its class ids. Every loop runs over the rows,
@@ -55,38 +93,19 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
                 w = W2s[m, c, h]
                 for n in range(N):
                     lg[c, n] = fmaf(z[n], w, lg[c, n])
-        # The softmax and its log, a class at a time over all rows: the logits shifted by the row
-        # max (NumPy's maximum: NaN wins), then each row's loss and argmax as before, per row.
+        # The softmax and its log a class at a time over all rows, then each row's loss and argmax.
         for c in range(C):
             b = B2s[m, c]
             for n in range(N):
                 lg[c, n] = lg[c, n] + b
-        for n in range(N):
-            mx[n] = lg[0, n]
-        for c in range(1, C):
-            for n in range(N):
-                v = lg[c, n]
-                mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
-        for n in range(N):
-            total[n] = ZERO
-        for c in range(C):
-            for n in range(N):
-                lg[c, n] = lg[c, n] - mx[n]
-                ex[c, n] = np_expf(lg[c, n])
-                total[n] = total[n] + ex[c, n]
+        _softmax_rows(lg, mx, ex, total)
         for n in range(N):
             lse[n] = np.log(total[n])
             row_loss[n] = ZERO
-            best[n] = ex[0, n] / total[n]
-            index[n] = 0
         for c in range(C):
             for n in range(N):
                 row_loss[n] = row_loss[n] + y[n, c] * (lse[n] - lg[c, n])
-        for c in range(1, C):
-            for n in range(N):
-                pc = ex[c, n] / total[n]
-                index[n] = c if pc > best[n] else index[n]
-                best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
+        _argmax_rows(ex, total, best, index)
         total_loss, right = 0.0, 0
         for n in range(N):
             total_loss += row_loss[n]
@@ -110,29 +129,8 @@ def epoch_softmax(logits, rows, labels, total):
         for n in range(N):
             for c in range(C):
                 lg[c, n] = logits[m, n, c]
-        for n in range(N):
-            mx[n] = lg[0, n]
-        for c in range(1, C):
-            for n in range(N):
-                v = lg[c, n]
-                mx[n] = mx[n] if (mx[n] >= v or mx[n] != mx[n]) else v
-        for c in range(C):
-            for n in range(N):
-                lg[c, n] = lg[c, n] - mx[n]
-                ex[c, n] = np_expf(lg[c, n])
-        for n in range(N):
-            tot[n] = ex[0, n]
-        for c in range(1, C):
-            for n in range(N):
-                tot[n] = tot[n] + ex[c, n]
-        for n in range(N):
-            best[n] = ex[0, n] / tot[n]
-            index[n] = 0
-        for c in range(1, C):
-            for n in range(N):
-                pc = ex[c, n] / tot[n]
-                index[n] = c if pc > best[n] else index[n]
-                best[n] = best[n] if (best[n] >= pc or best[n] != best[n]) else pc
+        _softmax_rows(lg, mx, ex, tot)
+        _argmax_rows(ex, tot, best, index)
         for n in range(N):
             total[m, n] = tot[n]
             right[m] += index[n] == labels[rows[m, n]]
