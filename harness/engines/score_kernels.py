@@ -61,7 +61,7 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     contiguous, so it vectorizes (the softmax too: np_expf has no branches); the sums run in
     another order than the NumPy path's matmuls and log is libm's: the loss agrees to ~1e-7
     relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with NumPy's
-    tie and NaN rules (fused.argmax_classes), as the NumPy path does."""
+    tie and NaN rules (stack.argmax_classes), as the NumPy path does."""
     M, F1, H = W1s.shape
     C, N = W2s.shape[1], x1T.shape[1]
     z, lg, ex = np.empty(N, f32), np.empty((C, N), f32), np.empty((C, N), f32)
