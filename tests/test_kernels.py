@@ -309,6 +309,29 @@ def test_cache_dir_is_explicit_and_falls_back_to_a_temp_dir(monkeypatch, tmp_pat
     kernel_choice.cache_dir.cache_clear()
 
 
+def test_a_cache_counts_as_warm_only_for_this_copy_of_the_kernels(monkeypatch, tmp_path):
+    """numba keeps a sub-folder per source folder under the cache: another install of the same
+    sources (a new virtual environment) shares the harness's cache folder but compiles anew, so
+    its index files must not make this copy's cache look warm."""
+    from numba.core.caching import UserProvidedCacheLocator
+
+    from harness.engines import kernels
+
+    monkeypatch.setattr(kernel_choice, "cache_dir", lambda: tmp_path)
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+
+    def index_files(source_file: str) -> None:
+        folder = tmp_path / UserProvidedCacheLocator.get_suitable_cache_subpath(source_file)
+        folder.mkdir(parents=True)
+        for name in kernel_choice.COMPILED:
+            (folder / f"{name}-10.{tag}.nbi").write_bytes(b"")
+
+    index_files("/elsewhere/.venv/lib/site-packages/harness/engines/kernels.py")
+    assert not kernel_choice.kernels_cached()
+    index_files(kernels.__file__)
+    assert kernel_choice.kernels_cached()
+
+
 def test_numba_caches_where_the_harness_says():
     kernel_stack.load()
     assert numba.config.CACHE_DIR == str(kernel_choice.cache_dir()) and kernel_choice.kernels_cached()

@@ -257,10 +257,15 @@ def cache_dir() -> Path:
 
 
 def kernels_cached() -> bool:
-    """Whether the kernels ``load`` compiles are in ``cache_dir()`` for this Python (numba's index files)."""
+    """Whether the kernels ``load`` compiles are in ``cache_dir()`` for this Python and this copy
+    of the sources: numba's index files, in the sub-folder numba keeps for their folder (named as
+    numba's ``UserProvidedCacheLocator.get_suitable_cache_subpath`` names it). Another install of
+    the same sources shares ``cache_dir()`` but not that sub-folder, and compiles for itself."""
     try:
         folder = cache_dir()
     except OSError:
         return False
+    here = os.path.dirname(os.path.abspath(__file__))  # the kernels' folder too
+    sub = folder / f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return all(any(folder.rglob(f"{name}-*.{tag}.nbi")) for name in COMPILED)
+    return all(any(sub.glob(f"{name}-*.{tag}.nbi")) for name in COMPILED)
