@@ -19,6 +19,7 @@ path's matmuls and with libm's log: losses within 1e-6 relative, accuracies iden
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -330,6 +331,36 @@ def test_a_cache_counts_as_warm_only_for_this_copy_of_the_kernels(monkeypatch, t
     assert not kernel_choice.kernels_cached()
     index_files(kernels.__file__)
     assert kernel_choice.kernels_cached()
+
+
+ONE_SIGNATURE = """
+import json
+from harness.config import ModelConfig, ProblemConfig, TrainConfig
+from harness.engines import kernel_stack, kernels, noise_kernel, score_kernels
+from harness.engines.fused import train_fused
+from harness.grid import TrialSpec
+
+kernel_stack.load(noise=True)
+for batch_size, schedule in ((1, "epoch"), (7, "epoch"), (500, "epoch"), (500, "geometric")):
+    train = TrainConfig(epochs=2, engine="fused", eval_schedule=schedule)
+    train_fused([TrialSpec(ProblemConfig(), ModelConfig(), train, batch_size, 0.01, seed) for seed in (0, 1)],
+                kernel="numba")
+kernel_functions = (kernels.train_steps, score_kernels.evaluate, score_kernels.epoch_softmax,
+                    score_kernels.epoch_losses, noise_kernel.gradient_noise)
+print(json.dumps({f.__name__: [str(s) for s in f.signatures] for f in kernel_functions}))
+"""
+
+
+def test_groups_of_every_shape_run_on_the_kernels_that_load_compiled():
+    """An argument of another type (a read-only array, another layout) makes numba compile a
+    kernel again inside a group's clock, ~5 s on a machine's first run. In a fresh process,
+    groups at batch size 1, a ragged 7, the whole training set as one batch, and the geometric
+    clock's noise, leave each kernel with the one signature kernel_stack.load compiled."""
+    proc = subprocess.run([sys.executable, "-c", ONE_SIGNATURE], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    signatures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {name: len(types) for name, types in signatures.items()} == dict.fromkeys(signatures, 1), signatures
 
 
 def test_numba_caches_where_the_harness_says():

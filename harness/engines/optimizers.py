@@ -84,7 +84,9 @@ class Hyper:
         rates = self.rates if self.rates.shape[1] == 1 else self.rates[:, t0:t0 + n]
         rates = np.broadcast_to(rates, (len(rates), n))
         if self.optimizer != "adam":
-            return np.ascontiguousarray(rates)
+            # A copy, writable: the broadcast view is read-only (numba compiles that as another
+            # type, once per machine inside a group's clock) and already contiguous at n = 1.
+            return rates.copy()
         k = np.arange(t0 + 1, t0 + n + 1, dtype=f32)[None, :]
         return rates * np.sqrt(f32(1) - np.power(self.beta_2, k)) / (f32(1) - np.power(self.beta_1, k))
 
