@@ -12,7 +12,7 @@ estimated from its size (``saving_s``):
 and scoring rows (``estimate_numpy_s``: within ~15 % of measured on the default network; it
 underestimates sigmoid and overestimates large networks at large batches, where numba is slower
 anyway); ``share`` is the numba path's time as a share of the NumPy path's (``NUMBA_SHARE``: for
-relu on the default network 0.2 at batch size 1, 0.55 at 32; on digits' 0.75 at 1, above 1 from 4).
+relu on the default network 0.25 at batch size 1, 0.6 at 32; on digits' 0.75 at 1, above 1 from 4).
 
 *For a run* (``plan``, what the driver sends with each task: ``attach``), the groups that save
 most go to numba as long as their savings together exceed the start-up of every process they
@@ -90,8 +90,8 @@ NUMPY_EPOCH_MODEL_S = 30e-6
 # The numba path's time as a share of the NumPy path's for a whole group (training and scoring,
 # 35 models, both paths measured in one run, rounded up) at batch sizes 1, 4, 32 and 500, for
 # the default network (P = 300: 2 features, 50 units, 3 classes; relu measured again with
-# denormals flushed, the epoch scores in numba and the wide logits: grids/full.yaml's groups;
-# bs 4 from the release before) and for
+# denormals flushed, the epoch scores in numba and the wide logits, the larger of two runs:
+# grids/full.yaml's groups; bs 4 from the release before) and for
 # digits' (P = 3750: 64 features, 10 classes); interpolated on log2 of the batch size and of P,
 # clamped at the ends.
 # The kernels' loops gain most where NumPy's per-call cost dominates: small batches of small
@@ -99,7 +99,7 @@ NUMPY_EPOCH_MODEL_S = 30e-6
 # and tanh's loops are slower than NumPy's SIMD tanh, so such groups never go to numba.
 SHARE_BATCH_SIZES = (1, 4, 32, 500)
 SHARE_WEIGHTS = (300, 3750)
-NUMBA_SHARE = {"relu": ((0.2, 0.5, 0.55, 0.55), (0.75, 1.05, 1.5, 1.7)),
+NUMBA_SHARE = {"relu": ((0.25, 0.5, 0.6, 0.6), (0.75, 1.05, 1.5, 1.7)),
                "sigmoid": ((0.35, 0.65, 0.95, 0.95), (0.8, 1.1, 1.55, 1.75)),
                "tanh": ((0.4, 1.0, 1.5, 2.5), (0.65, 1.05, 1.6, 1.7))}
 
