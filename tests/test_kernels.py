@@ -461,8 +461,8 @@ def test_run_plan_sends_every_batch_size_of_the_full_grid_to_numba(monkeypatch):
 def test_a_cold_cache_is_compiled_once_ahead_of_a_run_that_repays_it(monkeypatch):
     """grids/full.yaml on a cold cache: a compile in each of two workers would cost more than
     the run saves, so the plan keeps NumPy (and the cache would stay cold for every later run);
-    one compile ahead is repaid, so the driver starts it. Not for small grids, one worker, Keras
-    trials or a warm cache."""
+    one compile ahead is repaid, so the driver starts it, with the noise kernel only for a clock
+    that measures noise. Not for small grids, one worker, Keras trials or a warm cache."""
     from harness.config import load_grid, with_engine
     from harness.grid import expand_grid
     from harness.work import group_specs
@@ -474,13 +474,16 @@ def test_a_cold_cache_is_compiled_once_ahead_of_a_run_that_repays_it(monkeypatch
     full = expand_grid(load_grid(root / "grids" / "full.yaml"))
     assert kernel_choice.plan(group_specs(full), slots=2) == ["numpy"] * 10
     assert kernel_choice.compile_ahead(full, slots=2) == "child"
-    assert started == [[sys.executable, "-m", "harness.engines.kernel_stack"]]
+    geometric = expand_grid(load_grid(root / "grids" / "full.yaml", ["train.eval_schedule=geometric"]))
+    assert kernel_choice.compile_ahead(geometric, slots=2) == "child"
+    assert started == [[sys.executable, "-m", "harness.engines.kernel_stack", "--no-noise"],
+                       [sys.executable, "-m", "harness.engines.kernel_stack"]]
     smoke = expand_grid(with_engine(load_grid(root / "grids" / "smoke.yaml"), "fused"))
     keras = expand_grid(with_engine(load_grid(root / "grids" / "full.yaml"), "keras"))
     assert kernel_choice.compile_ahead(smoke, 2) is kernel_choice.compile_ahead(full, 1) is None
     assert kernel_choice.compile_ahead(keras, 2) is None
     monkeypatch.setattr(kernel_choice, "kernels_cached", lambda: True)
-    assert kernel_choice.compile_ahead(full, 2) is None and len(started) == 1
+    assert kernel_choice.compile_ahead(full, 2) is None and len(started) == 2
 
 
 def test_driver_waits_for_the_compile_ahead_before_planning_the_paths(monkeypatch, tmp_path):

@@ -14,9 +14,9 @@ per step for the whole stack, cheap to start but with a fixed cost per call that
 small batches (1.4 µs per model-update at batch size 1 with 35 models). ``kernel_stack.NumbaStack``
 runs the same arithmetic as compiled loops (0.2 µs there), bit for bit on this machine's
 default network (tests/test_kernels.py says where), for networks of one hidden layer with any
-optimizer option (``numba_supports``); it costs a start-up per
-process (import numba and load the compiled kernels, ~0.65 s; the first time on a machine,
-compile them, ~6 s). The driver chooses a path per group for the whole run
+optimizer option (``numba_supports``); it costs a start-up per process (import numba and load
+the compiled kernels; the first time on a machine, compile them: ``kernel_choice.WARM_START_S``
+and ``COLD_START_S``). The driver chooses a path per group for the whole run
 (``kernel_choice.plan``: numba where the savings exceed the start-up of the processes that pay
 it), sent with the task; a group trained on its own goes to numba only when its own saving
 exceeds that start-up (``choose_kernel``), so a small grid never waits for a compile;

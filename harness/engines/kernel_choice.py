@@ -56,10 +56,10 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from harness import cachedir
-from harness.clock import eval_points
+from harness.clock import eval_points, noise_points
 from harness.engines.stack import n_params
 from harness.grid import TrialSpec
 from harness.problem import data_shape, make_data
@@ -173,16 +173,26 @@ def plan(groups: Sequence[Sequence[TrialSpec]], slots: int) -> list[str]:
     paths = ["numpy"] * len(groups)
     if not groups or importlib.util.find_spec("numba") is None:
         return paths
-    saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups) if numba_supports(group[0])}
-    chosen, _ = _most_saving(saving, WARM_START_S if kernels_cached() else COLD_START_S, slots)
+    chosen, _ = _most_saving(groups, WARM_START_S if kernels_cached() else COLD_START_S, slots)
     for i in chosen:
         paths[i] = "numba"
     return paths
 
 
-def _most_saving(saving: dict[int, float], start_s: float, slots: int) -> tuple[list[int], float]:
-    """The groups (keys of ``saving``, seconds each saves on numba) that save most net of the
-    start-up of the processes they occupy, and that net saving."""
+def _whole_groups(specs: Iterable[TrialSpec]) -> dict[tuple, list[TrialSpec]]:
+    """The fused specs by ``work.group_key``: the groups a run's plan weighs, whole (a task
+    split from a group counts with it)."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for spec in specs:
+        if spec.train.engine == "fused":
+            groups.setdefault(group_key(spec), []).append(spec)
+    return groups
+
+
+def _most_saving(groups: Sequence[Sequence[TrialSpec]], start_s: float, slots: int) -> tuple[list[int], float]:
+    """The groups (their indices) that save most on numba net of the start-up of the processes
+    they occupy, and that net saving; groups numba can't train save nothing."""
+    saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups) if numba_supports(group[0])}
     best, net, total = 0, 0.0, 0.0
     order = sorted((i for i in saving if saving[i] > 0), key=lambda i: -saving[i])
     for k, i in enumerate(order, 1):
@@ -197,27 +207,24 @@ def compile_ahead(specs: Sequence[TrialSpec], slots: int) -> subprocess.Popen | 
     harness.engines.kernel_stack``) if the fused groups of ``specs`` would repay one compile with
     the plan of a warm cache; the caller waits on the child before ``attach``. ``slots``: the
     run's workers that share this machine's cache (below 2, a worker's own compile costs the
-    same and ``plan`` already weighs it). None when there is nothing to do."""
+    same and ``plan`` already weighs it). The noise kernel (~2.4 s more) only if the run
+    measures the noise scale. None when there is nothing to do."""
     if slots < 2 or importlib.util.find_spec("numba") is None or kernels_cached():
         return None
-    groups: dict[tuple, list[TrialSpec]] = {}
-    for spec in specs:
-        if spec.train.engine == "fused" and numba_supports(spec):
-            groups.setdefault(group_key(spec), []).append(spec)
-    saving = {i: saving_s(group_size(group)) for i, group in enumerate(groups.values())}
-    if _most_saving(saving, WARM_START_S, slots)[1] < COLD_START_S:
+    groups = list(_whole_groups(specs).values())
+    if _most_saving(groups, WARM_START_S, slots)[1] < COLD_START_S:
         return None
-    return subprocess.Popen([sys.executable, "-m", "harness.engines.kernel_stack"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    noise = any(len(noise_points(group[0])) for group in groups)  # the clock is a group's own
+    return subprocess.Popen([sys.executable, "-m", "harness.engines.kernel_stack", *([] if noise else ["--no-noise"])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def attach(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> None:
     """Sets ``kernel`` (``plan``'s path) on each fused task that can carry it (``initial.Unit``),
     which ``fused.train_fused`` follows. A task split from a group takes the group's path."""
     fused = [t for t in tasks if t and t[0].train.engine == "fused" and hasattr(t, "initial")]
-    keys = list(dict.fromkeys(group_key(t[0]) for t in fused))
-    whole = {key: [s for t in fused if group_key(t[0]) == key for s in t] for key in keys}
-    paths = dict(zip(keys, plan([whole[key] for key in keys], slots)))
+    whole = _whole_groups(s for t in fused for s in t)
+    paths = dict(zip(whole, plan(list(whole.values()), slots)))
     for task in fused:
         task.kernel = paths[group_key(task[0])]
 

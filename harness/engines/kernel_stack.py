@@ -9,6 +9,7 @@ numba by, a first compile (kernel_choice counts a cold cache's compile against a
 """
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 import numpy as np
@@ -154,8 +155,8 @@ def join(tensors: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     return np.concatenate([w1b.reshape(m, -1), w2t.transpose(0, 2, 1).reshape(m, -1), b2], axis=1)
 
 
-if __name__ == "__main__":
-    load(noise=True)
+if __name__ == "__main__":  # --no-noise: not the noise kernel, which only the geometric clock uses
+    load(noise="--no-noise" not in sys.argv[1:])
     from harness.engines.kernel_choice import cache_dir
 
     print(f"numba kernels compiled into {cache_dir()}")
