@@ -64,8 +64,8 @@ def _rmsprop(w, g, s, rate, keep_rho, eps, rho):
 
 
 # From this batch size on, a batch's logits are summed for all its rows at once (vectorized over
-# the rows) rather than a row at a time: 158 -> 139 ns per model-row at 32 rows, 179 -> 138 at
-# 500, 170 -> 160 at 16; slower below (251 against 191 at 8).
+# the rows) rather than a row at a time: 129 -> 104 ns per model-row at 32 rows, 133 -> 115 at
+# 16; slower below (186 against 144 at 8).
 WIDE_BATCH = 16
 
 
@@ -104,6 +104,7 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
         inv_b = ONE / f32(b)
         blocks = (b // 4) * 4  # rows in whole 4-row blocks: their logits reduce pairwise
         wide = b >= WIDE_BATCH
+        inline = opt == SGD and b == 1 and not penalised
         for m in range(M):
             for r in range(b):  # gather the batch, so the loops below read contiguous rows
                 row = rows[m, i0 + r]
@@ -113,22 +114,29 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                     yb[r, c] = y[row, c]
             for r in range(b):
                 # hidden layer: sequential FMA over the inputs
-                for h in range(H):
-                    z1[r, h] = xb[r, 0] * W1s[m, 0, h]
-                for f in range(1, F1):
-                    xf = xb[r, f]
+                if F1 == 3 and act == RELU:  # two features and relu: one pass, z1 and a1 stored once
+                    x0, x1r, x2 = xb[r, 0], xb[r, 1], xb[r, 2]
                     for h in range(H):
-                        z1[r, h] = fmaf(xf, W1s[m, f, h], z1[r, h])
-                # one loop per activation, not a branch per unit: the relu loop then vectorizes
-                if act == RELU:
-                    for h in range(H):
-                        a1[r, h] = relu(z1[r, h])
-                elif act == TANH:
-                    for h in range(H):
-                        a1[r, h] = tanh(z1[r, h])
+                        v = fmaf(x2, W1s[m, 2, h], fmaf(x1r, W1s[m, 1, h], x0 * W1s[m, 0, h]))
+                        z1[r, h] = v
+                        a1[r, h] = relu(v)
                 else:
                     for h in range(H):
-                        a1[r, h] = sigmoid(z1[r, h])
+                        z1[r, h] = xb[r, 0] * W1s[m, 0, h]
+                    for f in range(1, F1):
+                        xf = xb[r, f]
+                        for h in range(H):
+                            z1[r, h] = fmaf(xf, W1s[m, f, h], z1[r, h])
+                    # one loop per activation, not a branch per unit: the loop then vectorizes
+                    if act == RELU:
+                        for h in range(H):
+                            a1[r, h] = relu(z1[r, h])
+                    elif act == TANH:
+                        for h in range(H):
+                            a1[r, h] = tanh(z1[r, h])
+                    else:
+                        for h in range(H):
+                            a1[r, h] = sigmoid(z1[r, h])
                 # logits
                 if gemv and b == 1:
                     for c in range(C):
@@ -178,10 +186,26 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                     for l in range(16):
                         for r in range(b):
                             part[l, r] = ZERO
-                        for k in range(l, H, 16):
-                            w = W2s[m, c, k]
+                        k = l
+                        while k + 48 < H:  # four of the lane's units per pass over the rows, in order
+                            w0, w1, w2, w3 = W2s[m, c, k], W2s[m, c, k + 16], W2s[m, c, k + 32], W2s[m, c, k + 48]
                             for r in range(b):
-                                part[l, r] = fmaf(a1T[k, r], w, part[l, r])
+                                part[l, r] = fmaf(a1T[k + 48, r], w3, fmaf(a1T[k + 32, r], w2, fmaf(
+                                    a1T[k + 16, r], w1, fmaf(a1T[k, r], w0, part[l, r]))))
+                            k += 64
+                        if k + 32 < H:
+                            w0, w1, w2 = W2s[m, c, k], W2s[m, c, k + 16], W2s[m, c, k + 32]
+                            for r in range(b):
+                                part[l, r] = fmaf(a1T[k + 32, r], w2, fmaf(a1T[k + 16, r], w1, fmaf(
+                                    a1T[k, r], w0, part[l, r])))
+                        elif k + 16 < H:
+                            w0, w1 = W2s[m, c, k], W2s[m, c, k + 16]
+                            for r in range(b):
+                                part[l, r] = fmaf(a1T[k + 16, r], w1, fmaf(a1T[k, r], w0, part[l, r]))
+                        elif k < H:
+                            w0 = W2s[m, c, k]
+                            for r in range(b):
+                                part[l, r] = fmaf(a1T[k, r], w0, part[l, r])
                     bc, top = B2s[m, c], blocks if exact else 0
                     for r in range(top):
                         p[c, r] = (((part[0, r] + part[1, r]) + (part[2, r] + part[3, r]))
@@ -215,61 +239,111 @@ def train_steps(W1s, W2s, B2s, V1s, V2s, VBs, S1s, S2s, SBs, lr, hp, opt, nester
                 for r in range(b):
                     q = e[c, r] / tot[r] - yb[r, c]
                     p[c, r] = q * inv_b if b > 1 else q  # the NumPy path skips * 1/1 at batch 1
+            top = t8 if gemv and b == 1 else H  # sgemv_t's tail blocks: the units from t8, below
             for r in range(b):
                 # da1 = p @ W2^T, then through the activation
-                for h in range(H):
-                    dz[r, h] = p[0, r] * W2s[m, 0, h]
-                for c in range(1, C):
-                    pc = p[c, r]
-                    for h in range(H):
-                        dz[r, h] = fmaf(pc, W2s[m, c, h], dz[r, h])
-                if gemv and b == 1:  # sgemv_t's tail blocks sum the three classes in other orders
-                    for h in range(t8, H):
-                        w0, w1, w2 = W2s[m, 0, h], W2s[m, 1, h], W2s[m, 2, h]
-                        if t4 <= h < t2:
-                            dz[r, h] = (w0 * p[0, r] + w1 * p[1, r]) + w2 * p[2, r]
-                        else:
-                            dz[r, h] = fmaf(w2, p[2, r], fmaf(w0, p[0, r], w1 * p[1, r]))
-                if act == RELU:
-                    for h in range(H):
-                        dz[r, h] = relu_grad(z1[r, h], dz[r, h])
-                elif act == TANH:
-                    for h in range(H):
-                        dz[r, h] = tanh_grad(a1[r, h], dz[r, h])
+                if C == 3 and act == RELU:  # one pass for the three classes and the relu
+                    p0, p1, p2 = p[0, r], p[1, r], p[2, r]
+                    for h in range(top):
+                        dz[r, h] = relu_grad(z1[r, h], fmaf(p2, W2s[m, 2, h], fmaf(p1, W2s[m, 1, h], p0 * W2s[m, 0, h])))
                 else:
-                    for h in range(H):
-                        dz[r, h] = sigmoid_grad(a1[r, h], dz[r, h])
-            # weight gradients, sequential over the batch rows
-            for c in range(C):
-                for h in range(H):
-                    gW2[c, h] = a1[0, h] * p[c, 0]
-                acc = p[c, 0]
-                for r in range(1, b):
-                    pc = p[c, r]
-                    for h in range(H):
-                        gW2[c, h] = fmaf(a1[r, h], pc, gW2[c, h])
-                    acc = acc + pc
-                gb2[c] = acc
-            for f in range(F1):
-                for h in range(H):
-                    gW1[f, h] = xb[0, f] * dz[0, h]
-                for r in range(1, b):
-                    xf = xb[r, f]
-                    for h in range(H):
-                        gW1[f, h] = fmaf(xf, dz[r, h], gW1[f, h])
-            # The penalty's gradient joins the kernels' (not b1's, the last row of W1b)
-            pen = hp[m, 1]
-            if penalised:
-                for f in range(F1 - 1):
-                    for h in range(H):
-                        gW1[f, h] = gW1[f, h] + (W1s[m, f, h] * two) * pen
+                    for h in range(top):
+                        dz[r, h] = p[0, r] * W2s[m, 0, h]
+                    for c in range(1, C):
+                        pc = p[c, r]
+                        for h in range(top):
+                            dz[r, h] = fmaf(pc, W2s[m, c, h], dz[r, h])
+                    if act == RELU:
+                        for h in range(top):
+                            dz[r, h] = relu_grad(z1[r, h], dz[r, h])
+                    elif act == TANH:
+                        for h in range(top):
+                            dz[r, h] = tanh_grad(a1[r, h], dz[r, h])
+                    else:
+                        for h in range(top):
+                            dz[r, h] = sigmoid_grad(a1[r, h], dz[r, h])
+                for h in range(top, H):  # batch 1, 3 classes: sgemv_t sums them in other orders here
+                    w0, w1, w2 = W2s[m, 0, h], W2s[m, 1, h], W2s[m, 2, h]
+                    if t4 <= h < t2:
+                        d = (w0 * p[0, r] + w1 * p[1, r]) + w2 * p[2, r]
+                    else:
+                        d = fmaf(w2, p[2, r], fmaf(w0, p[0, r], w1 * p[1, r]))
+                    if act == RELU:
+                        dz[r, h] = relu_grad(z1[r, h], d)
+                    elif act == TANH:
+                        dz[r, h] = tanh_grad(a1[r, h], d)
+                    else:
+                        dz[r, h] = sigmoid_grad(a1[r, h], d)
+            if not inline:  # (else the update takes the gradient inline)
+                # weight gradients, sequential over the batch rows; up to four rows per pass, so that
+                # a gradient row is loaded and stored once per four rows (bs 500: 94 ns per
+                # model-row, 103 at two rows per pass)
                 for c in range(C):
                     for h in range(H):
-                        gW2[c, h] = gW2[c, h] + (W2s[m, c, h] * two) * pen
+                        gW2[c, h] = a1[0, h] * p[c, 0]
+                    acc = p[c, 0]
+                    for r in range(1, b):
+                        acc = acc + p[c, r]
+                    gb2[c] = acc
+                    r = 1
+                    while r + 3 < b:  # four rows per pass, in row order
+                        p0, p1, p2, p3 = p[c, r], p[c, r + 1], p[c, r + 2], p[c, r + 3]
+                        for h in range(H):
+                            gW2[c, h] = fmaf(a1[r + 3, h], p3, fmaf(a1[r + 2, h], p2, fmaf(
+                                a1[r + 1, h], p1, fmaf(a1[r, h], p0, gW2[c, h]))))
+                        r += 4
+                    if r + 1 < b:
+                        p0, p1 = p[c, r], p[c, r + 1]
+                        for h in range(H):
+                            gW2[c, h] = fmaf(a1[r + 1, h], p1, fmaf(a1[r, h], p0, gW2[c, h]))
+                        r += 2
+                    if r < b:
+                        p0 = p[c, r]
+                        for h in range(H):
+                            gW2[c, h] = fmaf(a1[r, h], p0, gW2[c, h])
+                for f in range(F1):
+                    for h in range(H):
+                        gW1[f, h] = xb[0, f] * dz[0, h]
+                    r = 1
+                    while r + 3 < b:
+                        x0, x1r, x2, x3 = xb[r, f], xb[r + 1, f], xb[r + 2, f], xb[r + 3, f]
+                        for h in range(H):
+                            gW1[f, h] = fmaf(x3, dz[r + 3, h], fmaf(x2, dz[r + 2, h], fmaf(
+                                x1r, dz[r + 1, h], fmaf(x0, dz[r, h], gW1[f, h]))))
+                        r += 4
+                    if r + 1 < b:
+                        x0, x1r = xb[r, f], xb[r + 1, f]
+                        for h in range(H):
+                            gW1[f, h] = fmaf(x1r, dz[r + 1, h], fmaf(x0, dz[r, h], gW1[f, h]))
+                        r += 2
+                    if r < b:
+                        x0 = xb[r, f]
+                        for h in range(H):
+                            gW1[f, h] = fmaf(x0, dz[r, h], gW1[f, h])
+                # The penalty's gradient joins the kernels' (not b1's, the last row of W1b)
+                pen = hp[m, 1]
+                if penalised:
+                    for f in range(F1 - 1):
+                        for h in range(H):
+                            gW1[f, h] = gW1[f, h] + (W1s[m, f, h] * two) * pen
+                    for c in range(C):
+                        for h in range(H):
+                            gW2[c, h] = gW2[c, h] + (W2s[m, c, h] * two) * pen
             # The optimizer's rule (optimizers.apply), chosen outside the loops
             rate = lr[m, s if lr.shape[1] > 1 else 0]
             mu, ka, kb, eps, rho = hp[m, 0], hp[m, 2], hp[m, 3], hp[m, 4], hp[m, 5]
-            if opt == SGD:
+            if inline:
+                # one row's gradient is a product: taken inline by the update, no gradient arrays
+                for f in range(F1):
+                    xf = xb[0, f]
+                    for h in range(H):
+                        W1s[m, f, h], V1s[m, f, h] = _sgd(W1s[m, f, h], xf * dz[0, h], V1s[m, f, h], rate, mu, nesterov)
+                for c in range(C):
+                    pc = p[c, 0]
+                    for h in range(H):
+                        W2s[m, c, h], V2s[m, c, h] = _sgd(W2s[m, c, h], a1[0, h] * pc, V2s[m, c, h], rate, mu, nesterov)
+                    B2s[m, c], VBs[m, c] = _sgd(B2s[m, c], pc, VBs[m, c], rate, mu, nesterov)
+            elif opt == SGD:
                 for f in range(F1):
                     for h in range(H):
                         W1s[m, f, h], V1s[m, f, h] = _sgd(W1s[m, f, h], gW1[f, h], V1s[m, f, h], rate, mu, nesterov)

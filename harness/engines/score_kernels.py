@@ -64,7 +64,7 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     tie and NaN rules (stack.argmax_classes), as the NumPy path does."""
     M, F1, H = W1s.shape
     C, N = W2s.shape[1], x1T.shape[1]
-    z, lg, ex = np.empty(N, f32), np.empty((C, N), f32), np.empty((C, N), f32)
+    z, lg, ex = np.empty((4, N), f32), np.empty((C, N), f32), np.empty((C, N), f32)
     mx, total, lse = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32)
     row_loss, best, index = np.empty(N, f32), np.empty(N, f32), np.empty(N, np.int64)
     loss, accuracy = np.empty(M, f32), np.empty(M, np.float64)
@@ -72,27 +72,43 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
         for c in range(C):
             for n in range(N):
                 lg[c, n] = ZERO
-        for h in range(H):  # one hidden unit for all rows at a time
-            w = W1s[m, 0, h]
-            for n in range(N):
-                z[n] = x1T[0, n] * w
-            for f in range(1, F1):
-                w = W1s[m, f, h]
+        # Four hidden units for all rows at a time, then their terms of the logits in one pass per
+        # class (in unit order): each pass stores its rows once, not once per unit.
+        for h0 in range(0, H, 4):
+            units = min(4, H - h0)
+            for j in range(units):
+                h = h0 + j
+                if F1 == 3 and act == RELU:  # two features and relu: one pass
+                    w0, w1, w2 = W1s[m, 0, h], W1s[m, 1, h], W1s[m, 2, h]
+                    for n in range(N):
+                        z[j, n] = relu(fmaf(x1T[2, n], w2, fmaf(x1T[1, n], w1, x1T[0, n] * w0)))
+                    continue
+                w = W1s[m, 0, h]
                 for n in range(N):
-                    z[n] = fmaf(x1T[f, n], w, z[n])
-            if act == RELU:
-                for n in range(N):
-                    z[n] = relu(z[n])
-            elif act == TANH:
-                for n in range(N):
-                    z[n] = tanh(z[n])
-            else:
-                for n in range(N):
-                    z[n] = sigmoid(z[n])
+                    z[j, n] = x1T[0, n] * w
+                for f in range(1, F1):
+                    w = W1s[m, f, h]
+                    for n in range(N):
+                        z[j, n] = fmaf(x1T[f, n], w, z[j, n])
+                if act == RELU:
+                    for n in range(N):
+                        z[j, n] = relu(z[j, n])
+                elif act == TANH:
+                    for n in range(N):
+                        z[j, n] = tanh(z[j, n])
+                else:
+                    for n in range(N):
+                        z[j, n] = sigmoid(z[j, n])
             for c in range(C):
-                w = W2s[m, c, h]
-                for n in range(N):
-                    lg[c, n] = fmaf(z[n], w, lg[c, n])
+                if units == 4:
+                    w0, w1, w2, w3 = W2s[m, c, h0], W2s[m, c, h0 + 1], W2s[m, c, h0 + 2], W2s[m, c, h0 + 3]
+                    for n in range(N):
+                        lg[c, n] = fmaf(z[3, n], w3, fmaf(z[2, n], w2, fmaf(z[1, n], w1, fmaf(z[0, n], w0, lg[c, n]))))
+                else:
+                    for j in range(units):
+                        w = W2s[m, c, h0 + j]
+                        for n in range(N):
+                            lg[c, n] = fmaf(z[j, n], w, lg[c, n])
         # The softmax and its log a class at a time over all rows, then each row's loss and argmax.
         for c in range(C):
             b = B2s[m, c]
