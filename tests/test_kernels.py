@@ -238,6 +238,31 @@ def test_exp_port_is_numpys_exp():
         np.testing.assert_array_equal(exp_array(x).view(np.int32), np.exp(x).view(np.int32))
 
 
+
+@numba.njit(cache=False)
+def log_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = kernel_math.np_logf(x[i])
+    return out
+
+
+def test_log_port_is_numpys_log():
+    """BITWISE on any CPU where NumPy runs its AVX2/AVX512F float32 log (the one ported), over
+    random bit patterns (every positive float32, subnormals included) and the special cases."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if not (__cpu_features__.get("AVX512F") or __cpu_features__.get("AVX2")):
+        pytest.skip("NumPy's SIMD log (the ported one) is not what np.log runs on this CPU")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(0, 0x7F800000, 2_000_000).astype(np.uint32).view(np.float32),
+                        rng.uniform(1.0, 3.0, 1_000_000).astype(np.float32),  # a softmax's row totals
+                        -rng.exponential(1.0, 1000).astype(np.float32),
+                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, 1e-45, 1.1754942e-38, 1.17549435e-38,
+                                  0.70710677, 0.70710683, 3.4028235e38], np.float32)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(log_array(x).view(np.int32), np.log(x).view(np.int32))
+
 def test_tanh_is_within_half_an_ulp():
     x = np.concatenate([np.random.default_rng(0).normal(0, 2, 200_000), 10.0 ** np.linspace(-40, 1.2, 20_000),
                         [0.0, 9.0, 10.0, 1e30, np.inf]]).astype(np.float32)
@@ -345,8 +370,8 @@ for batch_size, schedule in ((1, "epoch"), (7, "epoch"), (500, "epoch"), (500, "
     train = TrainConfig(epochs=2, engine="fused", eval_schedule=schedule)
     train_fused([TrialSpec(ProblemConfig(), ModelConfig(), train, batch_size, 0.01, seed) for seed in (0, 1)],
                 kernel="numba")
-kernel_functions = (kernels.train_steps, score_kernels.evaluate, score_kernels.epoch_softmax,
-                    score_kernels.epoch_losses, noise_kernel.gradient_noise)
+kernel_functions = (kernels.train_steps, score_kernels.evaluate, score_kernels.epoch_scores,
+                    noise_kernel.gradient_noise)
 print(json.dumps({f.__name__: [str(s) for s in f.signatures] for f in kernel_functions}))
 """
 

@@ -72,13 +72,12 @@ SOURCES = ("kernel_math.py", "kernels.py", "noise_kernel.py", "score_kernels.py"
 # What kernel_stack.load() compiles before a group's clock starts; noise_kernel.gradient_noise
 # compiles (first time on a machine, ~2.4 s) or loads on the first noise measurement instead, so
 # that groups on the epoch clock never wait for it.
-COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoch_softmax",
-            "score_kernels.epoch_losses")
+COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoch_scores")
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):
 WARM_START_S = 0.75  # import numba 0.26 s + import the kernels 0.10 s + load them from the cache 0.39 s
-COLD_START_S = 9.1  # the same, compiling the four kernels instead of loading them (best of 3)
+COLD_START_S = 9.1  # the same, compiling the three kernels instead of loading them (best of 3)
 # The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
 # step, per model-row of a batch and per model-row of a scoring pass (both per unit of
 # P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).

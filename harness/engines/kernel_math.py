@@ -61,6 +61,24 @@ def pow2(typingctx, k):
     return sig, codegen
 
 
+
+@intrinsic
+def frexpf(typingctx, x):
+    """(m, e) with x = m * 2**e and m in [0.5, 1), read from the bits of a positive normal
+    float32 (AVX-512's getmant and getexp + 1, which np.log uses); other inputs give garbage."""
+    sig = types.UniTuple(types.float32, 2)(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        e = builder.sub(builder.and_(builder.lshr(bits, ir.Constant(i32, 23)), ir.Constant(i32, 0xFF)),
+                        ir.Constant(i32, 126))
+        m = builder.or_(builder.and_(bits, ir.Constant(i32, 0x7FFFFF)), ir.Constant(i32, 0x3F000000))
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.bitcast(m, ir.FloatType()), builder.sitofp(e, ir.FloatType())])
+
+    return sig, codegen
+
 # NumPy's float32 exp (loops_exponent_log.dispatch.c.src, simd_exp_FLOAT for AVX512F/AVX2):
 # Cody-Waite reduction x = q*ln2 + r, a rational minimax approximation of e^r, then a scaling
 # by 2^q. Its constants are below; the port equals np.exp bit for bit (tests/test_kernels.py
@@ -94,6 +112,40 @@ def np_expf(x):
     e = ZERO if x <= XMIN else e
     return x if x != x else e
 
+
+
+# NumPy's float32 log (the same file, simd_log_FLOAT): x = m 2^e with m in [0.5, 1), m doubled
+# and e lowered when m <= sqrt(1/2), then log(1 + (m - 1)) as a ratio of two degree-5
+# polynomials plus e ln 2. Equal to np.log bit for bit (tests/test_kernels.py), where numba's
+# np.log calls libm's logf, one row at a time.
+LOG_P = tuple(f32(c) for c in (0.0, 9.999999999999998702752e-01, 2.112677543073053063722e+00,
+                               1.480000633576506585156e+00, 3.808837741388407920751e-01, 2.589979117907922693523e-02))
+LOG_Q = tuple(f32(c) for c in (1.0, 2.612677543073109236779e+00, 2.453006071784736363091e+00,
+                               9.864942958519418960339e-01, 1.546476374983906719538e-01, 5.875095403124574342950e-03))
+LOGE2, SQRT1_2 = f32(0.693147180559945309417232121458176568), f32(0.707106781186547524400844362104849039)
+TINY, TWO23 = f32(1.17549435e-38), f32(8388608.0)  # the smallest normal float32; 2^23
+NAN, NEG_NAN = f32(np.nan), np.uint32(0xFFC00000).view(f32)  # NumPy's NaN and -NaN: the sign bit kept
+
+
+@numba.njit(**JIT)
+def np_logf(x):
+    """np.log of one float32, bit for bit, branch-free like np_expf: a subnormal x is scaled by
+    2^23 first (AVX-512's getexp and getmant read it exactly), and the special cases (NaN, x < 0,
+    0, inf) are selected at the end."""
+    sub = ZERO < x < TINY
+    m, e = frexpf(x * TWO23 if sub else x)
+    e = e - f32(23.0) if sub else e
+    low = m <= SQRT1_2
+    m = m + m if low else m
+    e = e - ONE if low else e
+    r = m - ONE
+    num = fmaf(fmaf(fmaf(fmaf(fmaf(LOG_P[5], r, LOG_P[4]), r, LOG_P[3]), r, LOG_P[2]), r, LOG_P[1]), r, LOG_P[0])
+    den = fmaf(fmaf(fmaf(fmaf(fmaf(LOG_Q[5], r, LOG_Q[4]), r, LOG_Q[3]), r, LOG_Q[2]), r, LOG_Q[1]), r, LOG_Q[0])
+    v = fmaf(e, LOGE2, num / den)
+    v = NAN if x != x else v
+    v = NEG_NAN if x < ZERO else v
+    v = -f32(np.inf) if x == ZERO else v
+    return f32(np.inf) if x == f32(np.inf) else v
 
 # tanh in float64, rounded once to float32: within one float32 ulp of the true value, as
 # NumPy's own float32 tanh (an SVML-derived table of polynomials, not ported) is, so tanh

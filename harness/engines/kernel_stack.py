@@ -19,7 +19,7 @@ from harness.engines.stack import Stack, with_ones
 from harness.engines.kernel_math import ACTIVATION_CODES, OPTIMIZER_CODES, RELU, f32
 from harness.engines.kernels import train_steps
 from harness.engines.noise_kernel import gradient_noise
-from harness.engines.score_kernels import epoch_losses, epoch_softmax, evaluate
+from harness.engines.score_kernels import epoch_scores, evaluate
 
 
 @lru_cache(maxsize=1)
@@ -42,9 +42,7 @@ def load(noise: bool = False) -> None:
     train_steps(*w, *w, *w, lr, hp, 0, False, x1, y, np.zeros((1, 1), np.int64), 1, 0, 0, np.zeros((1, 1, 1), f32),
                 RELU, True)
     evaluate(*w, np.ascontiguousarray(x1.T), y, np.zeros(1, np.int64), RELU)
-    rows, logits, total = np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), f32), np.zeros((1, 1), f32)
-    epoch_softmax(logits, rows, np.zeros(1, np.int64), total)
-    epoch_losses(logits, rows, y, total, total)
+    epoch_scores(np.zeros((1, 1, 1), f32), np.zeros((1, 1), np.int64), y, np.zeros(1, np.int64), np.zeros((1, 1), f32))
     if noise:
         gradient_noise(*w, x1, y, RELU)
 
@@ -97,12 +95,10 @@ class NumbaStack:
 
     def epoch_scores(self, logits: np.ndarray, y: np.ndarray, labels: np.ndarray,
                      rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """As stack.Stack.epoch_scores, bit for bit (score_kernels); shifts ``logits`` in place."""
+        """As stack.Stack.epoch_scores, bit for bit (score_kernels.epoch_scores)."""
         rows, labels = np.ascontiguousarray(rows, np.int64), labels.astype(np.int64)  # the compiled types
-        total = np.empty(rows.shape, np.float32)
-        right = epoch_softmax(logits, rows, labels, total)
-        loss = np.empty_like(total)
-        epoch_losses(logits, rows, y, np.log(total), loss)
+        loss = np.empty(rows.shape, np.float32)
+        right = epoch_scores(logits, rows, y, labels, loss)
         return loss, right / rows.shape[1]
 
     def eval_input(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -1,19 +1,17 @@
 """numba kernels that score a stack: every member on a whole split (``evaluate``, the clock's
 points), and each member's running epoch loss and accuracy from the logits the training steps
-wrote (``epoch_softmax`` and ``epoch_losses``, the epoch records), in the layout of
-``kernels.train_steps``.
+wrote (``epoch_scores``, the epoch records), in the layout of ``kernels.train_steps``.
 
 The epoch's scores equal the NumPy path's (``stack.Stack.epoch_scores``) bit for bit: the same
-max, NumPy's float32 exp (the port in kernel_math), class sums in class order, and NumPy's own
-float32 log, which the caller applies to the [M, N] row totals between the two kernels. For a
-full.yaml group (35 models, 200 epochs) 0.16 s of ufunc passes over [M, N, 3] become 0.08 s.
+max, NumPy's float32 exp and log (the ports in kernel_math), class sums in class order. For a
+full.yaml group (35 models, 200 epochs) 0.16 s of ufunc passes over [M, N, 3] become 0.05 s.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from harness.engines.kernel_math import JIT, RELU, TANH, ZERO, f32, fmaf, np_expf, relu, sigmoid, tanh
+from harness.engines.kernel_math import JIT, RELU, TANH, ZERO, f32, fmaf, np_expf, np_logf, relu, sigmoid, tanh
 
 
 @numba.njit(**JIT)
@@ -58,9 +56,9 @@ def _argmax_rows(ex, total, best, index):
 def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
     """(loss [M] float32, accuracy [M] float64) of every model on all N rows: x1T [F+1, N] (the
     ones row last), y [N, C] one-hot, labels [N] its class ids. Every loop runs over the rows,
-    contiguous, so it vectorizes (the softmax too: np_expf has no branches); the sums run in
-    another order than the NumPy path's matmuls and log is libm's: the loss agrees to ~1e-7
-    relative, not bitwise. Accuracy takes the argmax of the softmax probabilities with NumPy's
+    contiguous, so it vectorizes (the softmax too: np_expf and np_logf have no branches); the sums
+    run in another order than the NumPy path's matmuls: the loss agrees to ~1e-7 relative, not
+    bitwise. Accuracy takes the argmax of the softmax probabilities with NumPy's
     tie and NaN rules (stack.argmax_classes), as the NumPy path does."""
     M, F1, H = W1s.shape
     C, N = W2s.shape[1], x1T.shape[1]
@@ -116,7 +114,7 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
                 lg[c, n] = lg[c, n] + b
         _softmax_rows(lg, mx, ex, total)
         for n in range(N):
-            lse[n] = np.log(total[n])
+            lse[n] = np_logf(total[n])
             row_loss[n] = ZERO
         for c in range(C):
             for n in range(N):
@@ -132,11 +130,13 @@ def evaluate(W1s, W2s, B2s, x1T, y, labels, act):
 
 
 @numba.njit(**JIT)
-def epoch_softmax(logits, rows, labels, total):
+def epoch_scores(logits, rows, y, labels, loss):
     """From the pre-update logits [M, N, C] of an epoch's rows (member m's row n is training row
-    rows[m, n], class ids labels [N_train]): shifts each row's logits by its max in place (NumPy's
-    maximum: NaN wins), writes the row's sum of exp to total [M, N], and returns each member's
-    rows right [M] (argmax of the softmax probabilities, first on ties, as stack.argmax_classes)."""
+    rows[m, n] of y [N_train, C] one-hot, class ids labels [N_train]): each row's cross-entropy
+    into loss [M, N] (stack.softmax_xent's: the sum over classes, in class order, of
+    y * (log of the row's sum of exp - the logit shifted by the row's max); 0 * inf is NaN there
+    too), and returns each member's rows right [M] (the argmax of the softmax probabilities,
+    first on ties, as stack.argmax_classes)."""
     M, N, C = logits.shape
     lg, ex = np.empty((C, N), f32), np.empty((C, N), f32)  # a class at a time over the rows: vectorized
     mx, tot, best, index = np.empty(N, f32), np.empty(N, f32), np.empty(N, f32), np.empty(N, np.int64)
@@ -148,23 +148,12 @@ def epoch_softmax(logits, rows, labels, total):
         _softmax_rows(lg, mx, ex, tot)
         _argmax_rows(ex, tot, best, index)
         for n in range(N):
-            total[m, n] = tot[n]
             right[m] += index[n] == labels[rows[m, n]]
-            for c in range(C):
-                logits[m, n, c] = lg[c, n]
-    return right
-
-
-@numba.njit(**JIT)
-def epoch_losses(shifted, rows, y, log_total, out):
-    """Each row's cross-entropy into out [M, N]: the sum over classes, in class order, of
-    y * (log_total - shifted) (stack.softmax_xent's terms; 0 * inf is NaN there too), with
-    shifted and log_total as epoch_softmax and NumPy's log left them."""
-    M, N, C = shifted.shape
-    for m in range(M):
+            tot[n] = np_logf(tot[n])
         for n in range(N):
-            row, lt = rows[m, n], log_total[m, n]
-            acc = y[row, 0] * (lt - shifted[m, n, 0])
+            row = rows[m, n]
+            acc = y[row, 0] * (tot[n] - lg[0, n])
             for c in range(1, C):
-                acc = acc + y[row, c] * (lt - shifted[m, n, c])
-            out[m, n] = acc
+                acc = acc + y[row, c] * (tot[n] - lg[c, n])
+            loss[m, n] = acc
+    return right
