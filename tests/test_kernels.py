@@ -388,6 +388,24 @@ def test_groups_of_every_shape_run_on_the_kernels_that_load_compiled():
     assert {name: len(types) for name, types in signatures.items()} == dict.fromkeys(signatures, 1), signatures
 
 
+
+WORKER_START = """
+import sys, time
+from harness.engines import kernel_stack
+kernel_stack.load()
+print("scipy.linalg" in sys.modules)
+import scipy.linalg.cython_blas  # still importable afterwards
+"""
+
+
+def test_a_worker_loads_the_kernels_without_importing_scipy():
+    """numba's first kernel load imports scipy.linalg (0.2 s of a worker's start) to learn
+    whether np.convolve may use BLAS; kernel_stack.load keeps it out, and leaves it importable."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_START], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
 def test_numba_caches_where_the_harness_says():
     kernel_stack.load()
     assert numba.config.CACHE_DIR == str(kernel_choice.cache_dir()) and kernel_choice.kernels_cached()

@@ -2,8 +2,8 @@
 lives. Imports neither numba nor the kernels: a group that stays on NumPy never pays for them.
 
 **The rule.** numba pays off per update but costs a start-up once per process: importing numba
-and loading the compiled kernels from the cache (``WARM_START_S``, 0.75 s), or, the first time
-on a machine, compiling them (``COLD_START_S``, 9.1 s). What a group saves on numba is
+and loading the compiled kernels from the cache (``WARM_START_S``, 0.46 s), or, the first time
+on a machine, compiling them (``COLD_START_S``, 9.7 s). What a group saves on numba is
 estimated from its size (``saving_s``):
 
     saving = numpy_s(group) * (1 - share(batch size, activation, network size))
@@ -23,11 +23,11 @@ worker, whatever that worker ran before.
 
 *For a group on its own* (``choose_kernel``: a group trained outside a run, a test, a notebook),
 it goes to numba when its own saving exceeds the start-up. So with a warm cache a relu group at
-batch size 1 needs about 1 s of NumPy work to go to numba; with a cold cache about 11 s. A small
+batch size 1 needs about 0.6 s of NumPy work to go to numba; with a cold cache about 13 s. A small
 grid never waits for a compile it cannot win back.
 
 *On a cold cache* each worker would compile for itself, so ``plan`` counts a compile per
-process, and a run as big as grids/full.yaml (15 s of savings against 2 x 9.1 s) would stay on
+process, and a run as big as grids/full.yaml (15 s of savings against 2 x 9.7 s) would stay on
 NumPy, and with it every later run, the cache never filled. ``compile_ahead`` compiles once
 instead, in a child of the driver while Ray starts, when the run's savings on a warm cache
 repay that one compile; the plan then finds the cache warm. ``python -m
@@ -76,8 +76,8 @@ COMPILED = ("kernels.train_steps", "score_kernels.evaluate", "score_kernels.epoc
 
 # Measured on the project machine, quiet (tests/benchmarks/test_engines.py::test_first_call;
 # under load from other jobs both grow to ~1.6x):
-WARM_START_S = 0.75  # import numba 0.26 s + import the kernels 0.10 s + load them from the cache 0.39 s
-COLD_START_S = 9.1  # the same, compiling the three kernels instead of loading them (best of 3)
+WARM_START_S = 0.46  # import numba 0.21 s + import the kernels 0.08 s + load them from the cache 0.17 s
+COLD_START_S = 9.7  # the same, compiling the three kernels instead of loading them (best of 3)
 # The NumPy path's cost (35 models, 50 hidden units, 1 BLAS thread): per step, per model and
 # step, per model-row of a batch and per model-row of a scoring pass (both per unit of
 # P = (F+1)*H + H*C, the multiply-adds of one row), and per model and epoch (row order, metrics).
