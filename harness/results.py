@@ -129,9 +129,12 @@ def blow_up(spec: TrialSpec, points: Sequence[PointRecord], records: Sequence[Ep
     points; it counts at the epoch's end). A finite blow-up counts as much as a NaN: such a run
     ends as a collapsed model, not a trained one."""
     limit = spec.train.divergence_factor * points[0].train_loss if points else math.inf
-    bad = [p.updates for p in points if blown(p.train_loss, p.test_loss, limit)]
-    bad += [r.updates for r in records if blown(r.loss, r.val_loss, limit)]
-    return min(bad, default=None)
+    # (updates, training loss, held-out loss) of every point and epoch, checked as one array:
+    # a fused group summarizes ~14,000 of them, ~1 µs each one at a time
+    rows = np.array([(p.updates, p.train_loss, p.test_loss) for p in points]
+                    + [(r.updates, r.loss, r.val_loss) for r in records], np.float64).reshape(-1, 3)
+    bad = blown(rows[:, 1], rows[:, 2], limit)
+    return int(rows[bad, 0].min()) if bad.any() else None
 
 
 def stops_at(spec: TrialSpec, update: int | None) -> int:
