@@ -49,18 +49,34 @@ class PointRecord:
     b_simple: float  # tr(Sigma) / |G|^2, the simple gradient noise scale
 
 
+def make_points(updates: int, examples_seen: int, elapsed_s: float, scores: dict[str, tuple[Sequence, Sequence]],
+                grad_sq: Sequence, trace_sigma: Sequence) -> list[PointRecord]:
+    """The points of models scored together at one update count: (losses, accuracies) per split
+    name (train, val, test; a missing split is NaN), a value per model, and each model's gradient
+    noise statistics. Both engines build their points here (the fused engine ~7,000 a group, a
+    stack at a time; the Keras engine one model at a time, make_point)."""
+    n = len(grad_sq)
+    nan = ([math.nan] * n,) * 2
+    (train_loss, train_acc), (val_loss, val_acc), (test_loss, test_acc) = (
+        scores.get(split, nan) for split in ("train", "val", "test"))
+    updates, examples_seen, elapsed_s = int(updates), int(examples_seen), float(elapsed_s)
+    points = []
+    for i in range(n):
+        g, t = float(grad_sq[i]), float(trace_sigma[i])
+        points.append(PointRecord(updates=updates, examples_seen=examples_seen, elapsed_s=elapsed_s,
+                                  train_loss=float(train_loss[i]), train_accuracy=float(train_acc[i]),
+                                  val_loss=float(val_loss[i]), val_accuracy=float(val_acc[i]),
+                                  test_loss=float(test_loss[i]), test_accuracy=float(test_acc[i]),
+                                  grad_sq=g, trace_sigma=t, b_simple=t / g if g != 0 else math.inf))
+    return points
+
+
 def make_point(updates: int, examples_seen: int, elapsed_s: float, scores: dict[str, tuple[float, float]],
                grad_sq: float, trace_sigma: float) -> PointRecord:
-    """A point from (loss, accuracy) per split name (train, val, test; a missing split is NaN)
-    and the gradient noise statistics; both engines build their points here."""
-    nan = (math.nan, math.nan)  # unrolled, not a loop over the splits: the fused engine makes ~7,000 a group
-    train, val, test = scores.get("train", nan), scores.get("val", nan), scores.get("test", nan)
-    grad_sq, trace_sigma = float(grad_sq), float(trace_sigma)
-    return PointRecord(updates=int(updates), examples_seen=int(examples_seen), elapsed_s=float(elapsed_s),
-                       train_loss=float(train[0]), train_accuracy=float(train[1]), val_loss=float(val[0]),
-                       val_accuracy=float(val[1]), test_loss=float(test[0]), test_accuracy=float(test[1]),
-                       grad_sq=grad_sq, trace_sigma=trace_sigma,
-                       b_simple=trace_sigma / grad_sq if grad_sq != 0 else math.inf)
+    """One model's point from (loss, accuracy) per split name (make_points for one model)."""
+    return make_points(updates, examples_seen, elapsed_s,
+                       {split: ([loss], [accuracy]) for split, (loss, accuracy) in scores.items()},
+                       [grad_sq], [trace_sigma])[0]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from harness.engines.stack import Shape, Stack, Weights, argmax_classes, with_on
 from harness.grid import TrialSpec
 from harness import initial
 from harness.problem import batch_order, data_shape, make_data, pin_threads
-from harness.results import EpochRecord, PointRecord, TrialResult, blown, make_point, summarize
+from harness.results import EpochRecord, PointRecord, TrialResult, blown, make_points, summarize
 from harness.schema import utc_now
 from harness.work import group_key
 
@@ -132,13 +132,11 @@ class _Clock:
         if updates == 0:
             self.limit[members] = self.factor[members] * train_loss
         self.check(members, train_loss, scores["test"][0])
-        examples = examples_at(self.spec, updates)
         columns = {name: (loss.tolist(), accuracy.tolist()) for name, (loss, accuracy) in scores.items()}
-        grad_sq, trace = np.asarray(grad_sq).tolist(), np.asarray(trace).tolist()
-        for row, i in enumerate(members.tolist()):
-            self.points[i].append(make_point(updates, examples, elapsed, {
-                name: (loss[row], accuracy[row]) for name, (loss, accuracy) in columns.items()},
-                grad_sq[row], trace[row]))
+        points = make_points(updates, examples_at(self.spec, updates), elapsed, columns,
+                             np.asarray(grad_sq).tolist(), np.asarray(trace).tolist())
+        for i, point in zip(members.tolist(), points):
+            self.points[i].append(point)
 
     def check(self, members: np.ndarray, loss: np.ndarray, held_out: np.ndarray) -> None:
         """Marks the members whose training loss blew up (results.blown) beside ``held_out``."""
