@@ -207,28 +207,31 @@ def test_fixed_order_stays_within_the_keras_tolerances(monkeypatch):
         test_fused.assert_records_close(training.records[0], keras_records)
 
 
-@numba.njit(cache=False)
-def exp_array(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = kernel_math.np_expf(x[i])
-    return out
+def elementwise(scalar):
+    """A compiled loop applying one of kernel_math's scalar functions to every element."""
+    @numba.njit(cache=False)
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = scalar(x[i])
+        return out
+    return apply
 
 
-@numba.njit(cache=False)
-def tanh_array(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = kernel_math.tanh(x[i])
-    return out
+exp_array, tanh_array, log_array = (elementwise(f) for f in (kernel_math.np_expf, kernel_math.tanh, kernel_math.np_logf))
+
+
+def skip_unless_numpy_runs_the_ported(function: str) -> None:
+    """The ports are of NumPy's AVX2/AVX512F float32 loops: elsewhere np.exp and np.log run others."""
+    from numpy._core._multiarray_umath import __cpu_features__
+
+    if not (__cpu_features__.get("AVX512F") or __cpu_features__.get("AVX2")):
+        pytest.skip(f"NumPy's SIMD {function} (the ported one) is not what np.{function} runs on this CPU")
 
 
 def test_exp_port_is_numpys_exp():
     """BITWISE on any CPU where NumPy runs its AVX2/AVX512F float32 exp (the one ported)."""
-    from numpy._core._multiarray_umath import __cpu_features__
-
-    if not (__cpu_features__.get("AVX512F") or __cpu_features__.get("AVX2")):
-        pytest.skip("NumPy's SIMD exp (the ported one) is not what np.exp runs on this CPU")
+    skip_unless_numpy_runs_the_ported("exp")
     rng = np.random.default_rng(0)
     x = np.concatenate([-rng.exponential(3.0, 1_000_000), rng.uniform(-110.0, 90.0, 1_000_000),
                         rng.uniform(-1.0, 1.0, 1_000_000),  # every range: overflow, subnormal results, near 1
@@ -238,22 +241,10 @@ def test_exp_port_is_numpys_exp():
         np.testing.assert_array_equal(exp_array(x).view(np.int32), np.exp(x).view(np.int32))
 
 
-
-@numba.njit(cache=False)
-def log_array(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = kernel_math.np_logf(x[i])
-    return out
-
-
 def test_log_port_is_numpys_log():
     """BITWISE on any CPU where NumPy runs its AVX2/AVX512F float32 log (the one ported), over
     random bit patterns (every positive float32, subnormals included) and the special cases."""
-    from numpy._core._multiarray_umath import __cpu_features__
-
-    if not (__cpu_features__.get("AVX512F") or __cpu_features__.get("AVX2")):
-        pytest.skip("NumPy's SIMD log (the ported one) is not what np.log runs on this CPU")
+    skip_unless_numpy_runs_the_ported("log")
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(0, 0x7F800000, 2_000_000).astype(np.uint32).view(np.float32),
                         rng.uniform(1.0, 3.0, 1_000_000).astype(np.float32),  # a softmax's row totals
@@ -262,6 +253,7 @@ def test_log_port_is_numpys_log():
                                   0.70710677, 0.70710683, 3.4028235e38], np.float32)])
     with np.errstate(divide="ignore", invalid="ignore"):
         np.testing.assert_array_equal(log_array(x).view(np.int32), np.log(x).view(np.int32))
+
 
 def test_tanh_is_within_half_an_ulp():
     x = np.concatenate([np.random.default_rng(0).normal(0, 2, 200_000), 10.0 ** np.linspace(-40, 1.2, 20_000),
