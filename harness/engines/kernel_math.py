@@ -61,7 +61,6 @@ def pow2(typingctx, k):
     return sig, codegen
 
 
-
 @intrinsic
 def frexpf(typingctx, x):
     """(m, e) with x = m * 2**e and m in [0.5, 1), read from the bits of a positive normal
@@ -78,6 +77,7 @@ def frexpf(typingctx, x):
                                   [builder.bitcast(m, ir.FloatType()), builder.sitofp(e, ir.FloatType())])
 
     return sig, codegen
+
 
 # NumPy's float32 exp (loops_exponent_log.dispatch.c.src, simd_exp_FLOAT for AVX512F/AVX2):
 # Cody-Waite reduction x = q*ln2 + r, a rational minimax approximation of e^r, then a scaling
@@ -113,7 +113,6 @@ def np_expf(x):
     return x if x != x else e
 
 
-
 # NumPy's float32 log (the same file, simd_log_FLOAT): x = m 2^e with m in [0.5, 1), m doubled
 # and e lowered when m <= sqrt(1/2), then log(1 + (m - 1)) as a ratio of two degree-5
 # polynomials plus e ln 2. Equal to np.log bit for bit (tests/test_kernels.py), where numba's
@@ -146,6 +145,7 @@ def np_logf(x):
     v = NEG_NAN if x < ZERO else v
     v = -f32(np.inf) if x == ZERO else v
     return f32(np.inf) if x == f32(np.inf) else v
+
 
 # tanh in float64, rounded once to float32: within one float32 ulp of the true value, as
 # NumPy's own float32 tanh (an SVML-derived table of polynomials, not ported) is, so tanh

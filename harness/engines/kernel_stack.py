@@ -37,7 +37,7 @@ def _registries_without_scipy() -> None:
     """Load numba's typing registries before any kernel, without SciPy's BLAS. On its first
     compile or cache load numba imports numba.np.arraymath, which imports scipy.linalg only to
     learn whether np.convolve may call BLAS: 0.2 s of every worker's start (kernel load 0.35 s
-    -> 0.14 s), for kernels that call no BLAS. The import is refused for that one module
+    -> 0.17 s), for kernels that call no BLAS. The import is refused for that one module
     while it runs, then allowed again: scipy.linalg imports as usual afterwards."""
     blas = "scipy.linalg.cython_blas"
     if "numba.np.arraymath" in sys.modules or blas in sys.modules:
