@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
+from harness import private_ray
 from harness.config import ConfigError
 from harness.engines import run_group
 from harness.grid import TrialSpec
@@ -59,22 +60,6 @@ def worker_env(threads: int) -> dict[str, str]:
     return {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": n, "TF_NUM_INTEROP_THREADS": "1",
             "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
             "HARNESS_THREADS_PER_TRIAL": n, "PYTHONWARNINGS": "ignore"}
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """This process's environment with ``values`` set, for the processes started within; then
-    as it was."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass
@@ -126,22 +111,6 @@ def _stop_between_groups() -> Iterator[threading.Event]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _stop_autoscaler_monitor() -> None:
-    """Kill a private instance's autoscaler monitor before ray.shutdown. The shutdown stops the
-    GCS first and then the monitor, which (timed process by process) never exited within Ray's
-    one-second grace after SIGTERM and was killed after it: 1.0 of ray.shutdown's 1.4 s, 0.4 s
-    without it. A fixed set of local CPUs has nothing to scale. Ray keeps its processes in
-    private fields: if those change, the shutdown is merely a second slower."""
-    try:
-        from ray._private.worker import _global_node as node
-    except ImportError:
-        return
-    for info in getattr(node, "all_processes", {}).get("monitor", ()):
-        with contextlib.suppress(Exception):
-            info.process.kill()
-            info.process.wait(timeout=5)
 
 
 def _ray_group(work: Work, group: Group) -> list[TrialResult]:
@@ -268,22 +237,16 @@ class RayBackend:
         _no_colour_reset_at_exit()
         if ray.is_initialized():
             return
-        kwargs = dict(log_to_driver=self.verbose, logging_level=logging.INFO if self.verbose else logging.ERROR,
-                      configure_logging=True)
+        kwargs = dict(logging_level=logging.INFO if self.verbose else logging.ERROR, configure_logging=True)
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            # A private instance: no dashboard, nothing listening beyond loopback. Its processes
-            # inherit the workers' environment from this one, so tasks carry no runtime env and
-            # run on the workers Ray starts with it: 1.7 s sooner than on workers started for
-            # a task's env (measured: ray.init 2.6 s against 3.7 s, the first tasks 0.3 s against 1.1 s).
-            with _environment(worker_env(self.cpus_per_trial)):
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, **kwargs)
+            private_ray.start(worker_env(self.cpus_per_trial), num_cpus=self.num_cpus, verbose=self.verbose, **kwargs)
             self._env_inherited = True
         else:
             _check_address(address)
             for attempt in range(1, JOIN_ATTEMPTS + 1):
                 try:
-                    ray.init(address=address, runtime_env=_code_env(), **kwargs)
+                    ray.init(address=address, runtime_env=_code_env(), log_to_driver=self.verbose, **kwargs)
                     break
                 except Exception as exc:  # noqa: BLE001 - Ray raises several types for one cause
                     if attempt == JOIN_ATTEMPTS or not _transient_client_failure(address, exc):
@@ -355,7 +318,5 @@ class RayBackend:
         import ray
 
         if self._owns_ray:
-            if self._env_inherited:  # a private instance: this process started its processes
-                _stop_autoscaler_monitor()
             ray.shutdown()
             self._owns_ray = self._env_inherited = False

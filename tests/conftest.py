@@ -56,6 +56,9 @@ def ray_local():
 
     cloudpickle.register_pickle_by_value(fakes)  # Ray workers cannot import tests/ by name
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        from harness import private_ray
+        from harness.scheduler import worker_env
+
+        private_ray.start(worker_env(1), num_cpus=2, verbose=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
