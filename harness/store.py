@@ -104,16 +104,26 @@ def curve_table(results: Sequence[TrialResult], run_id: str, kind: str) -> pa.Ta
     return pa.Table.from_pydict(columns, schema=with_version(schema, run_id))
 
 
-def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:
-    """Flush finished trials: points and epochs parts, then the trials part (the commit point)."""
-    if not results:
+def result_tables(results: Sequence[TrialResult], run_id: str) -> dict[str, pa.Table]:
+    """The rows ``results`` add to each table (epochs, points, trials), for ``write_tables``."""
+    return {**{kind: curve_table(results, run_id, kind) for kind in CURVES}, TRIALS: trials_table(results, run_id)}
+
+
+def write_tables(results_dir: Path, tables: Sequence[dict[str, pa.Table]], run_id: str, seq: int) -> None:
+    """Flush finished trials, given as ``result_tables``: points and epochs parts, then the trials
+    part (the commit point)."""
+    if not tables:
         return
     name = f"part-{run_id}-{seq:06d}.parquet"
     for kind in (*CURVES, TRIALS):
         (results_dir / kind).mkdir(parents=True, exist_ok=True)
-    for kind in CURVES:
-        write_atomic(curve_table(results, run_id, kind), results_dir / kind / name)
-    write_atomic(trials_table(results, run_id), results_dir / TRIALS / name)
+        write_atomic(pa.concat_tables([t[kind] for t in tables]), results_dir / kind / name)
+
+
+def write_results(results_dir: Path, results: Sequence[TrialResult], run_id: str, seq: int) -> None:
+    """Flush finished trials: points and epochs parts, then the trials part (the commit point)."""
+    if results:
+        write_tables(results_dir, [result_tables(results, run_id)], run_id, seq)
 
 
 def write_probes(results_dir: Path, rows: Sequence[dict], run_id: str) -> None:

@@ -72,13 +72,15 @@ seen = {}
 before = dict(vars(Node))
 shutdown = ray.shutdown
 def watched_shutdown(*args, **kwargs):
+    from ray._private.state import state
+    seen["config"] = json.loads(state._connect_and_get_accessor().get_system_config())
     kids = [p for p in psutil.Process().children(recursive=True) if alive(p)]
     seen["kids"] = {p.pid: " ".join(p.cmdline()) for p in kids}
     shutdown(*args, **kwargs)
 ray.shutdown = watched_shutdown
 list(RayBackend(num_cpus=2, verbose=sys.argv[1] == "verbose").run([("a",)], work=fakes.environment))
 left = [pid for pid in seen["kids"] if psutil.pid_exists(pid) and alive(psutil.Process(pid))]
-print(json.dumps({"kids": list(seen["kids"].values()), "left": left,
+print(json.dumps({"kids": list(seen["kids"].values()), "left": left, "config": seen["config"],
                   "node_class_as_before": dict(vars(Node)) == before}))
 """
 
@@ -86,9 +88,9 @@ print(json.dumps({"kids": list(seen["kids"].values()), "left": left,
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_private_ray_starts_only_what_a_run_uses_and_leaves_no_process(verbose):
     """A private instance runs no dashboard head, no autoscaler monitor, no dashboard modules in
-    the raylet's agent, and no log monitor unless the run is verbose (whose workers' output it
-    forwards); Ray's node class is as it was afterwards, and nothing the instance started
-    outlives close(). In a fresh process: this session's tests share a Ray already started."""
+    the raylet's agent, no log monitor unless the run is verbose (whose workers' output it
+    forwards) and sends no task events; Ray's node class is as it was afterwards, and nothing
+    the instance started outlives close(). In a fresh process: this session's tests share a Ray already started."""
     import json
     import os
     import subprocess
@@ -110,4 +112,5 @@ def test_a_private_ray_starts_only_what_a_run_uses_and_leaves_no_process(verbose
     assert "--minimal" in raylet.split("--runtime_env_agent_command")[0]  # the agent's command, in the raylet's
     assert not running("dashboard/dashboard.py") and not running("autoscaler/_private/monitor.py")
     assert running("_private/log_monitor.py") is verbose
+    assert seen["config"]["task_events_report_interval_ms"] == 0  # no task events: nothing serves them
     assert seen["node_class_as_before"] and seen["left"] == []
