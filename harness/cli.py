@@ -124,6 +124,7 @@ def run_main(argv: list[str] | None = None) -> int:
     from harness import driver, store
     from harness.initial import DrawError
     from harness.scheduler import RayBackend
+    from harness.engines import kernel_choice
     from harness.work import ray_pays_off
 
     prog = "harness run"
@@ -153,7 +154,7 @@ def run_main(argv: list[str] | None = None) -> int:
             cores = args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial)
 
             def pick(todo):
-                if ray_pays_off(todo, cores):
+                if ray_pays_off(todo, cores, kernel_choice.task_s):
                     return ray_backend
                 print("harness run: a small grid: training in this process, without starting Ray "
                       "(--backend ray to use Ray anyway)", file=sys.stderr)
@@ -164,7 +165,7 @@ def run_main(argv: list[str] | None = None) -> int:
             # Without joining a cluster: sized for this machine's cores, or --max-concurrent.
             plan = driver.plan_run(grid, on_disk, args.retry_failed)
             name = backend.name
-            if pick is not None and plan.todo and not ray_pays_off(plan.todo, cores):
+            if pick is not None and plan.todo and not ray_pays_off(plan.todo, cores, kernel_choice.task_s):
                 name = "serial (a small grid: this process, without starting Ray)"
             slots = 1 if name != "ray" else (args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
             _print_piped(driver.describe_plan(grid, plan, name, slots))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from harness.grid import TrialSpec
 
@@ -107,20 +107,21 @@ def _split(group: Sequence[TrialSpec], parts: int) -> list[Sequence[TrialSpec]]:
     return [group[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
-def modelled_wall_s(tasks: Sequence[Sequence[TrialSpec]], slots: int) -> float:
-    """Seconds the tasks take on ``slots`` cores by the cost model, started costliest first
-    on whichever slot frees first (what Ray does with them); start-up not included."""
+def modelled_wall_s(tasks: Sequence[Sequence[TrialSpec]], slots: int,
+                    cost: Callable[[Sequence[TrialSpec]], float] = estimated_cost) -> float:
+    """Seconds the tasks take on ``slots`` cores by the cost model (or ``cost``), started
+    costliest first on whichever slot frees first (what Ray does with them); start-up not included."""
     finish = [0.0] * max(1, slots)
-    for cost in sorted((estimated_cost(t) for t in tasks), reverse=True):
-        finish[finish.index(min(finish))] += cost
+    for seconds in sorted((cost(t) for t in tasks), reverse=True):
+        finish[finish.index(min(finish))] += seconds
     return max(finish)
 
 
 # Starting a private local Ray and stopping it, measured on a 2-core machine: grids/smoke.yaml
-# (fused) takes 4.0-5.4 s with --backend ray (median 5.2 s of 5) against 0.54-0.66 s in this
-# process (ray.init 2.6-3 s, the first tasks' start with the workers' imports ~1 s, Ray's
-# imports ~0.5 s, ray.shutdown ~0.4 s).
-RAY_START_S = 4.5
+# (fused) takes 2.56-2.85 s with --backend ray (median 2.59 s of 5) against 0.56-0.58 s in this
+# process (Ray's import 0.3 s, its lean start, harness.private_ray, 1.3-1.5 s, the workers'
+# first imports ~0.4 s, ray.shutdown ~0.1 s). It was 4.5 s before that start.
+RAY_START_S = 2.0
 
 
 # Past this many trials a grid goes to Ray without modelling: the model itself would take
@@ -128,14 +129,17 @@ RAY_START_S = 4.5
 MODELLED_UP_TO = 2000
 
 
-def ray_pays_off(specs: Sequence[TrialSpec], cores: int) -> bool:
+def ray_pays_off(specs: Sequence[TrialSpec], cores: int,
+                 cost: Callable[[Sequence[TrialSpec]], float] = estimated_cost) -> bool:
     """Whether fanning ``specs`` out over ``cores`` with a private Ray saves more time than
-    starting Ray costs; when not (a smoke grid), the driver trains them in its own process."""
+    starting Ray costs; when not (a smoke grid), the driver trains them in its own process.
+    ``cost``: a task's seconds in absolute terms (the driver passes kernel_choice.task_s, which
+    knows the fused engine's two paths; estimated_cost only sizes and orders)."""
     if cores < 2:
         return False
     if len(specs) > MODELLED_UP_TO:
         return True
-    one = modelled_wall_s(plan_tasks(specs, 1), 1)
+    one = modelled_wall_s(plan_tasks(specs, 1), 1, cost)
     if one * (1 - 1 / cores) <= RAY_START_S:  # even a perfect split would not pay
         return False
-    return one - modelled_wall_s(plan_tasks(specs, cores), cores) > RAY_START_S
+    return one - modelled_wall_s(plan_tasks(specs, cores), cores, cost) > RAY_START_S
