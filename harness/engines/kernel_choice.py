@@ -245,9 +245,10 @@ def choose_kernel(g: GroupSize, requested: str | None = None) -> str:
 
 def task_s(task: Sequence[TrialSpec]) -> float:
     """Predicted seconds of a task on one core: a fused one on the faster of its paths (what
-    ``plan`` mostly picks), start-up aside; a Keras one by ``work.estimated_cost``. Closer to the
-    measured than ``estimated_cost`` for fused work (full.yaml: 11.9 s predicted, 8.8 s measured,
-    21 s by estimated_cost; digits.yaml's NumPy groups: 21.9 s, 6.6 s by estimated_cost)."""
+    ``plan`` mostly picks), start-up aside; a Keras one by ``work.estimated_cost``. Neither is
+    exact, but this one errs the same way for both paths and ``estimated_cost`` does not (on one
+    core, full.yaml on numba: 11.9 s predicted, 8.8 s measured, 21.1 s by estimated_cost;
+    digits.yaml on NumPy: 21.9 s, about 7.5 s, 3.8 s), so ``work.ray_pays_off`` uses this one."""
     if task[0].train.engine != "fused":
         return estimated_cost(task)
     g = group_size(task)
