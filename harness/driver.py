@@ -93,7 +93,7 @@ class BufferedWriter:
                 self.oldest = time.monotonic()
             self.pending.append(tables)
             self.trials += len(results)
-            self.rows += sum(len(r.epochs) + len(r.points) for r in results)
+            self.rows += sum(tables[kind].num_rows for kind in store.CURVES)
             if self.trials >= self.max_trials or self.rows >= self.max_rows or self.max_age_s <= 0:
                 self._flush()
 

@@ -84,7 +84,7 @@ def _lean(unused: tuple[str, ...]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
+def _environment(values: dict[str, str]) -> Iterator[None]:
     """This process's environment with ``values`` set, for the processes started within; then
     as it was."""
     before = {key: os.environ.get(key) for key in values}
@@ -106,6 +106,6 @@ def start(worker_env: dict[str, str], *, num_cpus: int | None, verbose: bool, **
     3.7 s, the first tasks 0.3 s against 1.1 s). Nothing listens beyond loopback."""
     import ray
 
-    with environment(worker_env), _lean(UNUSED if verbose else UNUSED_WHEN_QUIET):
+    with _environment(worker_env), _lean(UNUSED if verbose else UNUSED_WHEN_QUIET):
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose, _system_config=SYSTEM_CONFIG,
                  **init_kwargs)
